@@ -1,0 +1,1 @@
+"""Data: sources (built-in MNIST, image folders, TFDS) and the Grain pipeline."""

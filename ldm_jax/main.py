@@ -1,0 +1,142 @@
+"""Entry point.
+
+  python -m ldm_jax.main --config=configs/quickstart.py[:preset] --workdir=DIR \
+      [--mode=train|sample] [--config.a.b=value ...]
+
+A mistake the user can fix (bad config value, bad workdir, damaged checkpoint)
+ends with one line `error: ...` and exit status 2; nothing is overwritten.
+"""
+
+import importlib.util
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from ldm_jax.errors import UserError
+
+MODES = ("train", "sample")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:preset]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_MODE = flags.DEFINE_string("mode", "train", f"One of {MODES}.")
+FLAGS = flags.FLAGS
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "jax_cache"),
+    "Persistent XLA compilation cache directory ('' to disable).")
+
+
+def _setup_logging():
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  logger = logging.getLogger("ldm_jax")
+  logger.handlers[:] = [handler]
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def _explain(error: BaseException) -> str:
+  """The innermost UserError's message if there is one, else the error on one line."""
+  seen, text = error, str(error)
+  while seen is not None:
+    if isinstance(seen, UserError):
+      text = str(seen)
+      break
+    seen = seen.__cause__ or seen.__context__
+  # config_flags re-raises errors of a config file as text holding the traceback.
+  marker = "UserError: "
+  if marker in text:
+    return text.split(marker, 1)[1].splitlines()[0]
+  if "No such file or directory" in text:
+    missing = text.rsplit("No such file or directory: ", 1)[-1].strip()
+    return f"config file {missing} does not exist (give --config=path/to/config.py[:preset])"
+  return " ".join(text.split())
+
+
+def _parse_flags(argv):
+  """absl flag parsing where a bad config file or override is a one-line error."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # config_flags raises whatever the config file or override raised
+    message = _explain(e)
+    if isinstance(e, (KeyError, AttributeError)):
+      message = _unknown_override(argv) or message
+    print(f"error: {message}\nPass --helpshort for usage.", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_override(argv) -> str | None:
+  """Names the first `--config.a.b=v` whose key path the config does not have."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, preset = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_ldm_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    base = module.get_config(preset or None)
+  except Exception:  # the file's own error is reported elsewhere
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    keys = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = base
+    for depth, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node.keys():
+        where = ".".join(keys[:depth]) or "the top level"
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        return (f"unknown config key {'.'.join(keys[:depth + 1])!r} in {arg}; "
+                f"valid keys of {where}: {valid}")
+      node = node[key]
+  return None
+
+
+def _load_config():
+  """The parsed config; a file that is missing or fails to load is a UserError."""
+  config = _CONFIG.value
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/quickstart.py")
+  try:
+    config.keys()  # config_flags defers load errors until first access
+  except Exception as e:
+    raise UserError(_explain(e)) from e
+  return config
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _setup_logging()
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / Grain chatter
+  try:
+    if _MODE.value not in MODES:
+      raise UserError(f"unknown --mode={_MODE.value!r}; valid: {list(MODES)}")
+    config = _load_config()
+    if not _WORKDIR.value:
+      raise UserError("--workdir is required, e.g. --workdir=runs/quickstart")
+    import jax
+    if _CACHE.value:
+      jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if _MODE.value == "train":
+      from ldm_jax.train import train_and_evaluate
+      train_and_evaluate(config, _WORKDIR.value)
+    else:
+      from ldm_jax.sample import sample_from_workdir
+      sample_from_workdir(config, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

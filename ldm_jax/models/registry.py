@@ -1,0 +1,30 @@
+"""Model lookup by name: `config.model.name` picks the file, `config.model.variant`
+a row of that file's VARIANTS table."""
+
+import importlib
+
+import jax
+import numpy as np
+
+from ldm_jax.errors import check
+
+# name -> module path; each module has VARIANTS and build(model_config, **overrides).
+MODEL_FILES = {
+    "dit": "ldm_jax.models.dit",
+    "compact_unet": "ldm_jax.models.compact_unet",
+}
+
+
+def model_module(name: str):
+  check(name in MODEL_FILES, f"unknown model name {name!r}; valid: {sorted(MODEL_FILES)}")
+  return importlib.import_module(MODEL_FILES[name])
+
+
+def build_model(model_config, **overrides):
+  """Returns the Flax module described by `model_config` (a ConfigDict)."""
+  return model_module(model_config.name).build(model_config, **overrides)
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter pytree (works on ShapeDtypeStructs too)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,100 @@
+"""Checks on a resolved config and its workdir, shared by training and sampling:
+validation with clear messages, the resolved config file, and resume compatibility."""
+
+import json
+import os
+
+import ml_collections
+
+from ldm_jax.errors import UserError, check
+
+CONFIG_FILE = "config.json"
+# Sections / keys that define the checkpointed state; changing them breaks a resume.
+# (optim.grad_clip changes the optimizer-state structure; the learning rate does not.)
+STATE_DEFINING = ("model", "diffusion", "data.image_size", "data.channels", "data.num_classes",
+                  "optim.grad_clip")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails with a UserError naming the first invalid value."""
+  check(config.num_train_steps >= 0, f"num_train_steps must be >= 0, got {config.num_train_steps}")
+  check(config.data.batch_size > 0, f"data.batch_size must be > 0, got {config.data.batch_size}")
+  check(config.sample.num > 0, f"sample.num must be > 0, got {config.sample.num}")
+  check(config.sample.batch_size > 0,
+        f"sample.batch_size must be > 0, got {config.sample.batch_size}")
+  check(config.sample.num_steps >= 1, f"sample.num_steps must be >= 1, got {config.sample.num_steps}")
+  check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
+  check(config.log_every_steps > 0, f"log_every_steps must be > 0, got {config.log_every_steps}")
+  for label in config.sample.labels:
+    check(0 <= int(label) < config.data.num_classes,
+          f"sample.labels contains {label}; valid labels are 0..{config.data.num_classes - 1}")
+
+
+def prepare_workdir(workdir: str, create: bool = True) -> str:
+  """Absolute workdir path; it must be (or become) a writable directory."""
+  check(bool(workdir), "--workdir is required")
+  path = os.path.abspath(workdir)
+  check(not os.path.exists(path) or os.path.isdir(path),
+        f"--workdir {workdir!r} exists and is not a directory; give a directory path")
+  if create:
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from e
+    check(os.access(path, os.W_OK | os.X_OK),
+          f"--workdir {workdir!r} is not writable; choose a writable directory")
+  return path
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON round-trippable dict (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def incompatible_keys(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """State-defining keys whose values differ between a saved and a new config."""
+  old, new = _flatten(saved), _flatten(config_to_dict(config))
+  keys = sorted(set(old) | set(new))
+  return [k for k in keys
+          if any(k == p or k.startswith(p + ".") for p in STATE_DEFINING)
+          and old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+def check_compatible(saved: dict | None, config, where: str) -> None:
+  """Fails if `config` cannot continue / sample from the run saved in `where`."""
+  if saved is None:
+    return
+  bad = incompatible_keys(saved, config)
+  if bad:
+    old, new = _flatten(saved), _flatten(config_to_dict(config))
+    details = "; ".join(f"{k}: saved {old.get(k, '<absent>')!r} vs given {new.get(k, '<absent>')!r}"
+                        for k in bad[:8])
+    raise UserError(f"workdir {where} holds a run with an incompatible config ({details}). "
+                    f"Use the same config, or a new --workdir.")
+
+
+def read_saved_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_config(workdir: str, config) -> None:
+  """Writes the resolved config as JSON (atomically) into the workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)

@@ -1,0 +1,129 @@
+"""train_and_evaluate(config, workdir): the one training loop, read top to bottom.
+
+Every model / process / data source is reached through the config; nothing here
+knows which. Sections follow the data path in ARCHITECTURE.md.
+"""
+
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from ldm_jax import run_config
+from ldm_jax.data.pipeline import make_train_iterator
+from ldm_jax.diffusion import build_process
+from ldm_jax.errors import UserError
+from ldm_jax.models import build_model, count_params
+from ldm_jax.sample import make_sample_fn
+from ldm_jax.training import sharding
+from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.metrics import MetricWriter, Progress, image_grid
+from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.step import make_train_step
+from ldm_jax.training.train_state import create_state
+
+logger = logging.getLogger("ldm_jax")
+
+
+def log_sample_grid(sample_fn, params, config, step, writer, workdir):
+  """Samples `grid_per_class` images per class with EMA params; TensorBoard + PNG."""
+  per_class = config.eval.grid_per_class
+  labels = np.repeat(np.arange(config.data.num_classes), per_class).astype(np.int32)
+  images = np.asarray(sample_fn(params, labels, jax.random.key(config.sample.seed)))
+  # Column-major: one row per sample index, one column per class.
+  grid = image_grid(images.reshape(config.data.num_classes, per_class, *images.shape[1:])
+                    .transpose(1, 0, 2, 3, 4).reshape(images.shape), config.data.num_classes)
+  writer.image(step, "samples/ema", grid)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
+        os.path.join(workdir, "grids", f"step_{step:07d}.png"))
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if present.
+
+  Returns the final TrainState.
+  """
+  # -- 1. config and workdir --------------------------------------------------
+  run_config.validate(config)
+  workdir = run_config.prepare_workdir(workdir)
+  checkpointer = Checkpointer(workdir, config.ckpt.max_to_keep)
+  saved = run_config.read_saved_config(workdir) or checkpointer.restore_config()
+  run_config.check_compatible(saved, config, workdir)
+
+  # -- 2. mesh ----------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+
+  # -- 3. data ----------------------------------------------------------------
+  data_iter = make_train_iterator(config.data, config.data.batch_size, config.seed)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # -- 4. model, process, optimizer -------------------------------------------
+  model = build_model(config.model, input_size=config.data.image_size,
+                      in_channels=config.data.channels, num_classes=config.data.num_classes)
+  process = build_process(config.diffusion)
+  tx = make_optimizer(config.optim, config.num_train_steps)
+
+  # -- 5. state: born sharded, or restored ------------------------------------
+  with jax.set_mesh(mesh):
+    state, state_shardings = create_state(model, tx, config.data, config.seed, mesh, rules)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state, data_iter)
+  if jax.process_index() == 0:  # only once the run is known to be resumable
+    run_config.write_config(workdir, config)
+  start_step = int(state.step)
+  logger.info("model %s/%s: %s parameters; process %s; starting at step %d of %d",
+              config.model.name, config.model.variant, f"{count_params(state.params):,}",
+              config.diffusion.process, start_step, config.num_train_steps)
+
+  # -- 6. the jitted step and sampler -----------------------------------------
+  train_step = jax.jit(make_train_step(model, process, tx, config.optim.ema_decay,
+                                       config.optim.ema_warmup),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  sample_fn = make_sample_fn(model, process, config.data, config.sample)
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"), jax.process_index() == 0)
+
+  # -- 7. the loop --------------------------------------------------------------
+  stop_at = config.num_train_steps
+  if config.max_steps_per_run > 0:
+    stop_at = min(stop_at, start_step + config.max_steps_per_run)
+  progress = Progress(config.num_train_steps, start_step)
+  pending = []  # device metrics since the last report: no host sync inside the loop
+  step = start_step
+  started = time.time()
+  with jax.set_mesh(mesh):
+    while step < stop_at:
+      batch = sharding.put_batch(next(data_iter), batch_sharding)
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      step += 1
+      if step % config.log_every_steps == 0 or step == stop_at:
+        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        check_finite(means, step)
+        means.update(progress.report(step, means))
+        writer.scalars(step, means)
+        pending = []
+      if step % config.ckpt.every_steps == 0 or step == stop_at:
+        checkpointer.save(step, state, data_iter, run_config.config_to_dict(config), force=True)
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < stop_at:
+        log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
+    if step == config.num_train_steps and step > start_step:
+      log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
+  logger.info("trained %d steps in %.1f s", step - start_step, time.time() - started)
+  checkpointer.close()
+  writer.close()
+  return state
+
+
+def check_finite(means: dict, step: int):
+  """Stops a diverged run before it writes a NaN checkpoint."""
+  bad = [k for k, v in means.items() if not np.isfinite(v)]
+  if bad:
+    raise UserError(f"training diverged at step {step}: {bad} not finite; lower "
+                    f"optim.learning_rate or raise optim.warmup_steps (last checkpoint kept)")

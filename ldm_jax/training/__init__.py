@@ -1,0 +1,1 @@
+"""Training machinery: state, optimizer, EMA, the jitted step, checkpoints, metrics."""

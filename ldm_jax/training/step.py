@@ -1,0 +1,50 @@
+"""The pure training step: (state, batch) -> (state, metrics), jitted once with the
+state donated. It knows nothing of files, devices or configs beyond what it is given."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax.training.ema import ema_decay, ema_update
+from ldm_jax.training.train_state import TrainState
+
+
+def to_model_range(images_uint8):
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def make_train_step(model, process, tx, ema: float, ema_warmup: bool):
+  """Builds `train_step(state, batch) -> (state, metrics)`.
+
+  Args:
+    model: a Flax module called as model.apply({'params'}, x, model_time, labels, train).
+    process: the diffusion process (its `loss`).
+    tx: the optax optimizer.
+    ema: EMA decay.
+    ema_warmup: ramp the EMA decay in early steps.
+  """
+
+  def train_step(state: TrainState, batch):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    loss_rng, dropout_rng = jax.random.split(step_rng)
+    x0 = to_model_range(batch["image"])
+    labels = batch["label"]
+
+    def loss_fn(params):
+      def model_fn(x_t, model_time):
+        return model.apply({"params": params}, x_t, model_time, labels, train=True,
+                           rngs={"label_dropout": dropout_rng})
+      per_example, metrics = process.loss(model_fn, x0, loss_rng)
+      return per_example.mean(), metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step, ema, ema_warmup)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_update(state.ema_params, params, decay))
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,112 @@
+"""Every mistake a user can make on the command line: one clear message naming the
+bad value and what is valid, a non-zero exit, and nothing overwritten."""
+
+import os
+import shutil
+
+import pytest
+
+from tests.helpers import run_cli, tree_snapshot
+
+TINY = "--config=configs/quickstart.py:tiny"
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("cli") / "run")
+  result = run_cli(TINY, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _fails(result, *needles):
+  assert result.returncode != 0, result.stdout[-2000:]
+  text = result.stderr + result.stdout
+  for needle in needles:
+    assert needle in text, f"{needle!r} not in output:\n{text[-3000:]}"
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_missing_config_file(tmp_path):
+  _fails(run_cli("--config=configs/nope.py", f"--workdir={tmp_path}/w"), "configs/nope.py",
+         "does not exist")
+
+
+def test_unknown_config_key(tmp_path):
+  _fails(run_cli(TINY, "--config.data.bogus=1", f"--workdir={tmp_path}/w"),
+         "unknown config key 'data.bogus'", "batch_size")
+
+
+def test_unknown_preset(tmp_path):
+  _fails(run_cli("--config=configs/quickstart.py:huge", f"--workdir={tmp_path}/w"),
+         "'huge'", "valid")
+
+
+def test_unknown_model_variant(tmp_path):
+  _fails(run_cli(TINY, "--config.model.variant=giant", f"--workdir={tmp_path}/w"),
+         "'giant'", "valid")
+
+
+def test_image_size_not_divisible_by_patch(tmp_path):
+  _fails(run_cli("--config=configs/quickstart.py:dit", "--config.num_train_steps=1",
+                 "--config.model.variant=DiT-S/8", f"--workdir={tmp_path}/w"),
+         "image size 28 is not divisible by patch size 8")
+
+
+@pytest.mark.parametrize("num", ["0", "-5"])
+def test_nonpositive_sample_num(tmp_path, num):
+  _fails(run_cli(TINY, f"--config.sample.num={num}", f"--workdir={tmp_path}/w"),
+         f"sample.num must be > 0, got {num}")
+
+
+def test_workdir_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("keep me")
+  _fails(run_cli(TINY, f"--workdir={path}"), str(path), "not a directory")
+  assert path.read_text() == "keep me"
+
+
+def test_workdir_not_creatable(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  _fails(run_cli(TINY, f"--workdir={blocker}/sub"), "cannot be created")
+
+
+def test_workdir_not_writable(tmp_path):
+  _fails(run_cli(TINY, "--workdir=/proc/ldm_jax_run"), "/proc/ldm_jax_run")
+
+
+def test_sample_without_checkpoint(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  _fails(run_cli(TINY, f"--workdir={empty}", "--mode=sample"), "no checkpoint", "train first")
+  _fails(run_cli(TINY, f"--workdir={tmp_path}/missing", "--mode=sample"), "does not exist")
+  assert not os.path.exists(tmp_path / "missing")
+
+
+def test_unknown_mode(tmp_path):
+  _fails(run_cli(TINY, f"--workdir={tmp_path}/w", "--mode=eval2"), "'eval2'", "train")
+
+
+def test_incompatible_config_leaves_run_untouched(trained_workdir):
+  before = tree_snapshot(trained_workdir)
+  _fails(run_cli(TINY, "--config.model.variant=mnist", f"--workdir={trained_workdir}"),
+         "incompatible config", "model.variant", "'tiny'", "'mnist'")
+  _fails(run_cli(TINY, "--config.diffusion.process=gaussian", "--mode=sample",
+                 f"--workdir={trained_workdir}"), "diffusion.process")
+  assert tree_snapshot(trained_workdir) == before
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(trained_workdir, tmp_path):
+  workdir = str(tmp_path / "corrupt")
+  shutil.copytree(trained_workdir, workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "6", "state")
+  files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  before = tree_snapshot(workdir)
+  for mode in ("train", "sample"):
+    _fails(run_cli(TINY, "--config.num_train_steps=9", f"--workdir={workdir}", f"--mode={mode}"),
+           "corrupt or truncated", os.path.join("checkpoints", "6"))
+  assert tree_snapshot(workdir) == before
