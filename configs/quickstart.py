@@ -4,10 +4,11 @@
   python -m ldm_jax.main --config=configs/quickstart.py --workdir=runs/quickstart --mode=sample
 
 Presets (`--config=configs/quickstart.py:NAME`):
-  (default)  compact pixel U-Net (~0.9 M params) trained as rectified flow with
-             logit-normal times; Euler sampling with classifier-free guidance.
-  dit        DiT-mnist/4 trained with ε-prediction on the linear-β DDPM process;
-             DDIM sampling with guidance (the same loop, another denoiser/process).
+  (default)  compact pixel U-Net (0.86 M params) trained as rectified flow with
+             logit-normal times, 1,900 steps of batch 32 (about 7 minutes on a
+             2-core CPU); 20-step Euler sampling with classifier-free guidance.
+  dit        DiT-mnist/4 (patch 4: 49 tokens) in the same loop with the same
+             rectified-flow process and sampler, for the same CPU budget.
   tiny       a seconds-long smoke configuration used by the tests.
 """
 
@@ -25,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     f"valid: {[p for p in PRESETS if p]} or none")
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.num_train_steps = 2000
+  config.num_train_steps = 1900
   config.log_every_steps = 100
   # Stop (with a checkpoint) after this many steps in one process; 0 = run to the end.
   # For time-limited job slots: the next launch resumes where this one stopped.
@@ -40,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.image_size = 28
   data.channels = 1
   data.num_classes = 10
-  data.batch_size = 128
+  data.batch_size = 32
   data.worker_count = 0        # Grain worker processes (0 = in the main process)
 
   config.model = model = ml_collections.ConfigDict()
@@ -95,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sample.sampler = "euler"     # flow: euler | gaussian: ddpm | ddim
   sample.num_steps = 20
   sample.guidance_scale = 1.5
-  sample.timestep_spacing = "leading"
+  sample.timestep_spacing = "leading"  # gaussian: leading | trailing | linspace (diffusers)
+  sample.respacing = ""        # gaussian: guided-diffusion respacing ("250", "ddim25"); wins if set
   sample.steps_offset = 0
   sample.eta = 0.0
   sample.variance = "fixed_small"
@@ -109,12 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.name = "dit"
     model.variant = "DiT-mnist/4"
     model.learn_sigma = False
-    diffusion.process = "gaussian"
-    diffusion.prediction = "epsilon"
     optim.learning_rate = 1e-3
-    sample.sampler = "ddim"
-    sample.num_steps = 50
-    sample.guidance_scale = 2.0
+    config.num_train_steps = 1250
   elif preset == "tiny":
     model.variant = "tiny"
     data.batch_size = 16

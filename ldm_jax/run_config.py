@@ -22,7 +22,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.sample.num > 0, f"sample.num must be > 0, got {config.sample.num}")
   check(config.sample.batch_size > 0,
         f"sample.batch_size must be > 0, got {config.sample.batch_size}")
-  check(config.sample.num_steps >= 1, f"sample.num_steps must be >= 1, got {config.sample.num_steps}")
   check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
   check(config.log_every_steps > 0, f"log_every_steps must be > 0, got {config.log_every_steps}")
   for label in config.sample.labels:

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax.diffusion.guidance import guided_model_fn
-from ldm_jax.diffusion.samplers import run_sampler
+from ldm_jax.diffusion.samplers import check_sample_config, run_sampler
 from ldm_jax.errors import check
 from ldm_jax.training.metrics import image_grid
 
@@ -84,10 +84,6 @@ def output_name(step: int, sample_config) -> str:
           f"_cfg{sample_config.guidance_scale:g}_seed{sample_config.seed}")
 
 
-def check_sample_config(sample_config):
-  check(sample_config.num > 0, f"sample.num must be > 0, got {sample_config.num}")
-
-
 def sample_from_workdir(config, workdir: str) -> str:
   """`--mode=sample`: restores the latest checkpoint of `workdir`, generates
   `config.sample.num` images and writes them to a new directory; returns its path."""
@@ -114,6 +110,7 @@ def sample_from_workdir(config, workdir: str) -> str:
   model = build_model(config.model, input_size=config.data.image_size,
                       in_channels=config.data.channels, num_classes=config.data.num_classes)
   process = build_process(config.diffusion)
+  check_sample_config(process, config.sample)
   tx = make_optimizer(config.optim, config.num_train_steps)
   with jax.set_mesh(mesh):
     abstract, _ = create_state(model, tx, config.data, config.seed, mesh,

@@ -15,6 +15,7 @@ from PIL import Image
 from ldm_jax import run_config
 from ldm_jax.data.pipeline import make_train_iterator
 from ldm_jax.diffusion import build_process
+from ldm_jax.diffusion.samplers import check_sample_config
 from ldm_jax.errors import UserError
 from ldm_jax.models import build_model, count_params
 from ldm_jax.sample import make_sample_fn
@@ -48,8 +49,13 @@ def train_and_evaluate(config, workdir: str):
 
   Returns the final TrainState.
   """
-  # -- 1. config and workdir --------------------------------------------------
+  # -- 1. config (all of it checked before anything is written) and workdir ----
   run_config.validate(config)
+  model = build_model(config.model, input_size=config.data.image_size,
+                      in_channels=config.data.channels, num_classes=config.data.num_classes)
+  process = build_process(config.diffusion)
+  check_sample_config(process, config.sample)  # fail now, not after hours of training
+  tx = make_optimizer(config.optim, config.num_train_steps)
   workdir = run_config.prepare_workdir(workdir)
   checkpointer = Checkpointer(workdir, config.ckpt.max_to_keep)
   saved = run_config.read_saved_config(workdir) or checkpointer.restore_config()
@@ -63,13 +69,7 @@ def train_and_evaluate(config, workdir: str):
   data_iter = make_train_iterator(config.data, config.data.batch_size, config.seed)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  # -- 4. model, process, optimizer -------------------------------------------
-  model = build_model(config.model, input_size=config.data.image_size,
-                      in_channels=config.data.channels, num_classes=config.data.num_classes)
-  process = build_process(config.diffusion)
-  tx = make_optimizer(config.optim, config.num_train_steps)
-
-  # -- 5. state: born sharded, or restored ------------------------------------
+  # -- 4. state: born sharded, or restored ------------------------------------
   with jax.set_mesh(mesh):
     state, state_shardings = create_state(model, tx, config.data, config.seed, mesh, rules)
   if checkpointer.latest_step() is not None:
@@ -81,7 +81,7 @@ def train_and_evaluate(config, workdir: str):
               config.model.name, config.model.variant, f"{count_params(state.params):,}",
               config.diffusion.process, start_step, config.num_train_steps)
 
-  # -- 6. the jitted step and sampler -----------------------------------------
+  # -- 5. the jitted step and sampler -----------------------------------------
   train_step = jax.jit(make_train_step(model, process, tx, config.optim.ema_decay,
                                        config.optim.ema_warmup),
                        in_shardings=(state_shardings, batch_sharding),
@@ -89,7 +89,7 @@ def train_and_evaluate(config, workdir: str):
   sample_fn = make_sample_fn(model, process, config.data, config.sample)
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), jax.process_index() == 0)
 
-  # -- 7. the loop --------------------------------------------------------------
+  # -- 6. the loop --------------------------------------------------------------
   stop_at = config.num_train_steps
   if config.max_steps_per_run > 0:
     stop_at = min(stop_at, start_step + config.max_steps_per_run)

@@ -84,6 +84,12 @@ def test_sample_without_checkpoint(tmp_path):
   assert not os.path.exists(tmp_path / "missing")
 
 
+def test_sampler_that_does_not_fit_the_process(tmp_path):
+  _fails(run_cli(TINY, "--config.sample.sampler=ddim", f"--workdir={tmp_path}/w"),
+         "sample.sampler='ddim'", "flow", "['euler']")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def test_unknown_mode(tmp_path):
   _fails(run_cli(TINY, f"--workdir={tmp_path}/w", "--mode=eval2"), "'eval2'", "train")
 

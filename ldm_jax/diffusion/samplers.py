@@ -12,7 +12,7 @@ import numpy as np
 
 from ldm_jax.diffusion.flow import RectifiedFlow, shift_time
 from ldm_jax.diffusion.gaussian import GaussianDiffusion
-from ldm_jax.errors import check
+from ldm_jax.errors import UserError, check
 
 SPACINGS = ("leading", "trailing", "linspace", "respace")
 SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler",)}
@@ -35,7 +35,7 @@ def respaced_timesteps(num_timesteps: int, section_counts: str) -> np.ndarray:
     size = size_per + (1 if i < extra else 0)
     check(size >= count, f"cannot take {count} steps from a section of {size}")
     stride = (size - 1) / (count - 1) if count > 1 else 1
-    index = 0.0  # accumulated, not stride * k: the rounding of .5 ties follows guided-diffusion
+    index = 0.0  # accumulated, not stride * k: .5 ties then round as in guided-diffusion
     for _ in range(count):
       steps.append(start + round(index))
       index += stride
@@ -184,28 +184,61 @@ def flow_euler_sample(model_fn, process: RectifiedFlow, x_init, sigmas):
   return jax.lax.scan(step, x_init, (sigmas[:-1], sigmas[1:]))[0]
 
 
-def run_sampler(process, model_fn, shape, key, sample_config):
-  """Draws x_T ~ N(0, I) of `shape` and runs the sampler named in `config.sample`."""
+def _gaussian_steps(sample_config):
+  """(num_steps, spacing): `sample.respacing` ("250", "ddim25", "10,10,5"), when set,
+  selects guided-diffusion respacing; otherwise `num_steps` with `timestep_spacing`."""
+  respacing = sample_config.get("respacing", "")
+  if respacing:
+    return str(respacing), "respace"
+  return sample_config.num_steps, sample_config.get("timestep_spacing", "leading")
+
+
+def check_sample_config(process, sample_config) -> str:
+  """Validates `config.sample` against the process (before any training starts);
+  returns the process kind, "flow" or "gaussian"."""
   kind = "flow" if isinstance(process, RectifiedFlow) else "gaussian"
   name = sample_config.sampler
   check(name in SAMPLERS[kind],
         f"sample.sampler={name!r} does not apply to a {kind} process; valid: {list(SAMPLERS[kind])}")
+  check(sample_config.get("guidance_scale", 1.0) >= 0,
+        f"sample.guidance_scale must be >= 0, got {sample_config.get('guidance_scale')}")
+  if kind == "flow":
+    check(int(sample_config.num_steps) >= 1,
+          f"sample.num_steps must be >= 1, got {sample_config.num_steps}")
+    return kind
+  steps, spacing = _gaussian_steps(sample_config)
+  check(spacing in SPACINGS, f"unknown sample.timestep_spacing {spacing!r}; valid: {list(SPACINGS)}")
+  if spacing == "respace":
+    try:
+      respaced_timesteps(process.num_timesteps, str(steps))
+    except ValueError as e:
+      raise UserError(f"bad sample.respacing {steps!r} for {process.num_timesteps} timesteps "
+                      f"(valid: 'N', 'ddimN' or comma-separated counts such as '10,10,5'): "
+                      f"{e}") from e
+  else:
+    check(1 <= int(steps) <= process.num_timesteps,
+          f"sample.num_steps={steps} must be in [1, {process.num_timesteps}] "
+          f"(the training timesteps)")
+  return kind
+
+
+def run_sampler(process, model_fn, shape, key, sample_config):
+  """Draws x_T ~ N(0, I) of `shape` and runs the sampler named in `config.sample`."""
+  kind = check_sample_config(process, sample_config)
   init_key, noise_key = jax.random.split(key)
   x_init = jax.random.normal(init_key, shape, jnp.float32)
   if kind == "flow":
     return flow_euler_sample(model_fn, process, x_init,
                              flow_sigmas(sample_config.num_steps, process.shift,
                                          process.num_train_timesteps))
-  clip = sample_config.get("clip_x0", None)
-  if name == "ddpm":
-    ts, prev = gaussian_timesteps(process.num_timesteps, sample_config.num_steps,
-                                  sample_config.timestep_spacing,
-                                  sample_config.get("steps_offset", 0), prev_rule="list")
+  clip = sample_config.get("clip_x0") or None  # 0 = no clipping
+  steps, spacing = _gaussian_steps(sample_config)
+  offset = sample_config.get("steps_offset", 0)
+  if sample_config.sampler == "ddpm":
+    ts, prev = gaussian_timesteps(process.num_timesteps, steps, spacing, offset, prev_rule="list")
     return ddpm_sample(model_fn, process, x_init, noise_key, ts, prev,
                        sample_config.get("variance", "fixed_small"), clip)
-  spacing = sample_config.timestep_spacing
-  ts, prev = gaussian_timesteps(process.num_timesteps, sample_config.num_steps, spacing,
-                                sample_config.get("steps_offset", 0),
+  ts, prev = gaussian_timesteps(process.num_timesteps, steps, spacing, offset,
                                 prev_rule="list" if spacing == "respace" else "stride")
   return ddim_sample(model_fn, process, x_init, noise_key, ts, prev,
                      sample_config.get("eta", 0.0), sample_config.get("final_alpha_bar", 1.0),

@@ -1,5 +1,6 @@
 """β schedules for discrete Gaussian diffusion, computed as diffusers computes them
-(float32 β, float32 cumulative product) so samplers match its schedulers bit for bit."""
+(float32 β from torch's float32 linspace, cumulative product accumulated in float64 as
+torch's CPU cumprod does) so samplers match its schedulers bit for bit."""
 
 import math
 

@@ -1,6 +1,7 @@
 """The built-in MNIST judge: a small CNN classifier trained on the MNIST-5k training
 split (4,500 digits), used for (a) class accuracy of generated digits and (b) a
-Fréchet distance between classifier features (penultimate layer, 128-d) of the
+Fréchet distance between classifier features (penultimate layer, 128-d, before
+its ReLU) of the
 samples and of the real training digits, next to the same distance for the
 held-out real digits (the floor a perfect generator would reach at that size).
 
@@ -25,7 +26,7 @@ from ldm_jax.data.builtin import load_mnist
 from ldm_jax.errors import check
 
 logger = logging.getLogger("ldm_jax")
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax")
 
 
@@ -40,8 +41,8 @@ class Classifier(nn.Module):
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(0.3, deterministic=not train)(x)
-    features = nn.relu(nn.Dense(128)(x))
-    return nn.Dense(10)(features), features
+    features = nn.Dense(128)(x)  # pre-activation: no dead (constant) dimensions for the FD
+    return nn.Dense(10)(nn.relu(features)), features
 
 
 def _prep(images_uint8):
@@ -155,8 +156,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
   """||μa-μb||² + Tr(Σa + Σb - 2(ΣaΣb)^½) between Gaussian fits (FID's formula)."""
   mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
   cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-  covmean, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
-  covmean = covmean.real
+  covmean = scipy.linalg.sqrtm(cov_a @ cov_b).real
   return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
@@ -165,7 +165,8 @@ def judge_samples(images: np.ndarray, labels: np.ndarray, out_dir: str | None = 
   """Scores uint8 (N, 28, 28, 1) samples against their intended labels.
 
   Returns a dict: accuracy, per-class accuracy, fd (samples vs real training
-  digits), fd_real_heldout (held-out real digits vs training digits: the floor),
+  digits), fd_first_500 (the first 500 samples: balanced labels, the held-out size),
+  fd_real_heldout (the 500 held-out real digits vs training digits: the floor),
   and the judge's own accuracy on held-out real digits. Writes judge.json into
   `out_dir` when given.
   """
@@ -184,6 +185,8 @@ def judge_samples(images: np.ndarray, labels: np.ndarray, out_dir: str | None = 
       "per_class_accuracy": [float((predicted[labels == c] == c).mean()) if (labels == c).any()
                              else None for c in range(10)],
       "fd": frechet_distance(feats, train_feats),
+      # The same size as the held-out set (the estimate's bias depends on N).
+      "fd_first_500": frechet_distance(feats[:len(held_feats)], train_feats),
       "fd_real_heldout": frechet_distance(held_feats, train_feats),
       "judge_heldout_accuracy": judge_accuracy,
   }

@@ -21,6 +21,7 @@ from ldm_jax.models.layers import Dtype, conv, dense, group_norm
 VARIANTS = {
     # MNIST quickstart: 28x28 -> 14x14 (32 ch) -> 7x7 (64 ch).
     "mnist": dict(channels=(32, 64), num_res_blocks=2, downscale=2, groups=8),
+    "mnist-shallow": dict(channels=(32, 64), num_res_blocks=1, downscale=2, groups=8),
     "tiny": dict(channels=(16, 32), num_res_blocks=1, downscale=2, groups=4),
 }
 

@@ -25,9 +25,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only)
     handlers = {"state": ocp.StandardCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
-    self.has_data_state = not read_only
-    handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
+                "config": ocp.JsonCheckpointHandler(),
+                "data_iter": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=handlers)
 

@@ -1,0 +1,368 @@
+"""The process interface (GaussianDiffusion, RectifiedFlow), checked against diffusers'
+schedulers where they define the same quantity, and classifier-free guidance."""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+from ldm_jax.diffusion import build_process
+from ldm_jax.diffusion.flow import RectifiedFlow, shift_time
+from ldm_jax.diffusion.gaussian import GaussianDiffusion
+from ldm_jax.diffusion.guidance import guided_model_fn
+from ldm_jax.diffusion.process import mean_flat
+from ldm_jax.errors import UserError
+
+T = 1000
+SHAPE = (4, 8, 8, 3)
+TIMES = np.array([0, 10, 500, 999], np.int32)  # one per example, both ends included
+DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear",
+                      "cosine": "squaredcos_cap_v2"}
+BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012),
+              "cosine": (1e-4, 0.02)}
+
+
+def rel_err(ours, theirs):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def gaussian(schedule="linear", prediction="epsilon", num_timesteps=T):
+  beta_start, beta_end = BETA_RANGE[schedule]
+  return build_process(ml_collections.ConfigDict(dict(
+      process="gaussian", beta_schedule=schedule, num_timesteps=num_timesteps,
+      beta_start=beta_start, beta_end=beta_end, prediction=prediction)))
+
+
+def ddpm_scheduler(schedule="linear"):
+  beta_start, beta_end = BETA_RANGE[schedule]
+  return diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[schedule],
+                                 beta_start=beta_start, beta_end=beta_end)
+
+
+def x0_and_noise(seed=0, shape=SHAPE):
+  rng = np.random.default_rng(seed)
+  return (rng.uniform(-1, 1, shape).astype(np.float32),
+          rng.standard_normal(shape).astype(np.float32))
+
+
+# -- construction ----------------------------------------------------------------------
+def test_build_process():
+  process = gaussian("cosine", "v", 300)
+  assert isinstance(process, GaussianDiffusion)
+  assert process.num_timesteps == 300 and process.prediction == "v"
+  flow = build_process(ml_collections.ConfigDict(dict(
+      process="flow", time_sampling="uniform", shift=3.0, num_timesteps=500)))
+  assert isinstance(flow, RectifiedFlow)
+  assert (flow.time_sampling, flow.shift, flow.num_train_timesteps) == ("uniform", 3.0, 500)
+  with pytest.raises(UserError):
+    build_process(ml_collections.ConfigDict(dict(process="vp_sde")))
+  with pytest.raises(UserError):
+    gaussian("linear", "score")
+  with pytest.raises(UserError):
+    RectifiedFlow(time_sampling="cosmap")
+  with pytest.raises(UserError):
+    RectifiedFlow(shift=0.0)
+
+
+# -- Gaussian diffusion ----------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_gaussian_add_noise_matches_diffusers(schedule):
+  process, ref = gaussian(schedule), ddpm_scheduler(schedule)
+  x0, noise = x0_and_noise()
+  ours = process.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(TIMES))
+  theirs = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
+                         torch.from_numpy(TIMES.astype(np.int64)))
+  err = rel_err(ours, theirs.numpy())
+  print(f"[parity] add_noise {schedule}: max rel err {err:.3g}")
+  assert err <= 1e-6
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_gaussian_targets(schedule):
+  x0, noise = x0_and_noise(1)
+  t = jnp.asarray(TIMES)
+  ref = ddpm_scheduler(schedule)
+  velocity = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise),
+                              torch.from_numpy(TIMES.astype(np.int64))).numpy()
+  ours = gaussian(schedule, "v").target(jnp.asarray(x0), jnp.asarray(noise), t)
+  err = rel_err(ours, velocity)
+  print(f"[parity] v target {schedule}: max rel err {err:.3g}")
+  assert err <= 1e-6
+  np.testing.assert_array_equal(gaussian(schedule, "epsilon").target(x0, noise, t), noise)
+  np.testing.assert_array_equal(gaussian(schedule, "x0").target(x0, noise, t), x0)
+
+
+def test_gaussian_alpha_bar_and_model_time():
+  process = gaussian("cosine")
+  table = process.alphas_cumprod
+  np.testing.assert_array_equal(process.alpha_bar(jnp.asarray(TIMES)), table[TIMES])
+  assert float(process.alpha_bar(jnp.asarray(-1))) == 1.0  # "before" t = 0: the clean image
+  assert np.all(np.diff(table) < 0) and 0 < table[-1] < table[0] < 1
+  mt = process.model_time(jnp.asarray(TIMES))
+  assert mt.dtype == jnp.float32
+  np.testing.assert_array_equal(mt, TIMES.astype(np.float32))
+  t = process.sample_time(jax.random.PRNGKey(0), 4096)
+  assert t.shape == (4096,) and jnp.issubdtype(t.dtype, jnp.integer)
+  assert int(t.min()) == 0 and int(t.max()) == T - 1
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_gaussian_predict_x0_eps_inverts_the_target(schedule, prediction):
+  process = gaussian(schedule, prediction)
+  x0, noise = x0_and_noise(2)
+  # Moderate times: at the ends the inversion divides by sqrt(ᾱ) or sqrt(1-ᾱ) ≈ 0.01 or
+  # less (ε from x0 at t=0, x0 from ε at t=T-1) and float32 rounding is amplified by it.
+  t = jnp.asarray([50, 250, 500, 900], jnp.int32)
+  x_t = process.add_noise(x0, noise, t)
+  target = process.target(x0, noise, t)
+  x0_hat, eps_hat = process.predict_x0_eps(target, x_t, t)
+  errs = rel_err(x0_hat, x0), rel_err(eps_hat, noise)
+  print(f"[roundtrip] gaussian {schedule}/{prediction}: x0 {errs[0]:.3g}, eps {errs[1]:.3g}")
+  assert max(errs) <= 1e-5
+  # ᾱ given directly (a scalar, as the samplers do) is the same as giving t.
+  for i in range(len(t)):
+    abar = process.alpha_bar(t[i])
+    x0_i, eps_i = process.predict_x0_eps(target[i:i + 1], x_t[i:i + 1], alpha_bar=abar)
+    np.testing.assert_allclose(x0_i, x0_hat[i:i + 1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(eps_i, eps_hat[i:i + 1], rtol=0, atol=1e-6)
+
+
+def test_gaussian_predict_x0_eps_at_the_ends():
+  """At t = 0 and t = T-1 the inversion is ill-conditioned; still within float32 reason."""
+  x0, noise = x0_and_noise(3)
+  t = jnp.asarray(TIMES)
+  for prediction in ("epsilon", "v", "x0"):
+    process = gaussian("linear", prediction)
+    x_t = process.add_noise(x0, noise, t)
+    x0_hat, eps_hat = process.predict_x0_eps(process.target(x0, noise, t), x_t, t)
+    assert rel_err(x0_hat, x0) <= 1e-3 and rel_err(eps_hat, noise) <= 1e-3, prediction
+
+
+# -- rectified flow --------------------------------------------------------------------
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_add_noise_matches_diffusers_scale_noise(shift):
+  ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
+  ref.set_timesteps(28)
+  x0, noise = x0_and_noise(4)
+  idx = np.array([0, 5, 17, 27])
+  sigmas = ref.sigmas.numpy()[idx]
+  theirs = torch.stack([
+      ref.scale_noise(torch.from_numpy(x0[i:i + 1]), ref.timesteps[k:k + 1],
+                      torch.from_numpy(noise[i:i + 1]))[0] for i, k in enumerate(idx)]).numpy()
+  ours = RectifiedFlow(shift=shift).add_noise(jnp.asarray(x0), jnp.asarray(noise),
+                                              jnp.asarray(sigmas))
+  err = rel_err(ours, theirs)
+  print(f"[parity] flow add_noise shift={shift}: max rel err {err:.3g}")
+  assert err <= 1e-6
+
+
+def test_flow_target_model_time_and_inversion():
+  flow = RectifiedFlow()
+  x0, noise = x0_and_noise(5)
+  t = jnp.asarray([0.05, 0.3, 0.7, 0.95], jnp.float32)
+  np.testing.assert_array_equal(flow.target(x0, noise, t), noise - x0)
+  np.testing.assert_allclose(flow.model_time(t), np.asarray(t) * 1000, rtol=1e-7)
+  x_t = flow.add_noise(x0, noise, t)
+  # The endpoints of the path: t = 0 is the data, t = 1 the noise.
+  np.testing.assert_array_equal(flow.add_noise(x0, noise, jnp.zeros(4)), x0)
+  np.testing.assert_array_equal(flow.add_noise(x0, noise, jnp.ones(4)), noise)
+  x0_hat, eps_hat = flow.predict_x0_eps(flow.target(x0, noise, t), x_t, t)
+  errs = rel_err(x0_hat, x0), rel_err(eps_hat, noise)
+  print(f"[roundtrip] flow: x0 {errs[0]:.3g}, eps {errs[1]:.3g}")
+  assert max(errs) <= 1e-5
+
+
+def test_logit_normal_time_statistics():
+  n, mean, std = 100_000, 0.3, 0.8
+  flow = RectifiedFlow(time_sampling="logit_normal", logit_mean=mean, logit_std=std)
+  t = np.asarray(flow.sample_time(jax.random.PRNGKey(0), n), np.float64)
+  assert t.shape == (n,) and np.all((t > 0) & (t < 1))
+  logit = np.log(t) - np.log1p(-t)
+  # Standard errors of the sample mean and of the sample standard deviation.
+  assert abs(logit.mean() - mean) <= 3 * std / np.sqrt(n)
+  assert abs(logit.std(ddof=1) - std) <= 3 * std / np.sqrt(2 * (n - 1))
+  # Shifting is applied on top of the same draw.
+  shifted = RectifiedFlow(time_sampling="logit_normal", logit_mean=mean, logit_std=std,
+                          shift=3.0).sample_time(jax.random.PRNGKey(0), n)
+  np.testing.assert_allclose(shifted, shift_time(jnp.asarray(t, jnp.float32), 3.0), rtol=1e-6)
+
+
+def test_uniform_time_statistics():
+  n = 100_000
+  t = np.asarray(RectifiedFlow(time_sampling="uniform").sample_time(jax.random.PRNGKey(1), n),
+                 np.float64)
+  assert np.all((t >= 0) & (t < 1))
+  assert abs(t.mean() - 0.5) <= 3 * np.sqrt(1 / 12 / n)
+
+
+@pytest.mark.parametrize("shift", [0.5, 1.0, 3.0, 6.0])
+def test_shift_time(shift):
+  t = np.linspace(0, 1, 1001, dtype=np.float32)
+  shifted = np.asarray(shift_time(jnp.asarray(t), shift))
+  assert shifted[0] == 0.0 and shifted[-1] == 1.0
+  assert np.all(np.diff(shifted) > 0)
+  if shift == 1.0:
+    np.testing.assert_array_equal(shifted, t)
+  elif shift > 1:
+    assert np.all(shifted[1:-1] > t[1:-1])  # more time at high noise
+  else:
+    assert np.all(shifted[1:-1] < t[1:-1])
+  # The inverse is the shift by 1/shift (SD3 eq. 23 is a Möbius map).
+  np.testing.assert_allclose(shift_time(shifted, 1 / shift), t, atol=2e-6)
+
+
+# -- losses ----------------------------------------------------------------------------
+def _gaussian_oracle(process, x0):
+  """A model_fn returning the exact target, from x_t, the model time and the known x0:
+  t is the model time, and ε = (x_t - sqrt(ᾱ)·x0) / sqrt(1-ᾱ)."""
+
+  def model_fn(x_t, model_time):
+    t = model_time.astype(jnp.int32)
+    abar = process.alpha_bar(t).reshape(-1, 1, 1, 1)
+    eps = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+    return process.target(x0, eps, t)
+
+  return model_fn
+
+
+def _flow_oracle(flow, x0):
+  """ε = (x_t - (1-t)·x0) / t with t = model_time / 1000; the target is ε - x0."""
+
+  def model_fn(x_t, model_time):
+    t = (model_time / flow.num_train_timesteps).reshape(-1, 1, 1, 1)
+    return (x_t - (1 - t) * x0) / t - x0
+
+  return model_fn
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_gaussian_loss(prediction):
+  process = gaussian("cosine", prediction)
+  x0, _ = x0_and_noise(6)
+  rng = jax.random.PRNGKey(3)
+  loss, metrics = process.loss(_gaussian_oracle(process, x0), x0, rng)
+  assert loss.shape == (SHAPE[0],)
+  print(f"[loss] gaussian {prediction} oracle: {float(loss.max()):.3g}")
+  # Zero up to the rounding of recovering ε from x_t (ε is divided by sqrt(1-ᾱ) ≥ 0.006).
+  assert float(loss.max()) <= 1e-8
+  np.testing.assert_allclose(metrics["loss"], loss.mean(), rtol=1e-6)
+
+  # Deterministic for a fixed rng; a wrong model is penalised by its squared error; a
+  # learned-variance head (extra channels) is ignored.
+  zero_model = lambda x_t, mt: jnp.zeros_like(x_t)
+  wrong, _ = process.loss(zero_model, x0, rng)
+  np.testing.assert_array_equal(wrong, process.loss(zero_model, x0, rng)[0])
+  assert float(wrong.min()) > 1e-2
+  oracle = _gaussian_oracle(process, x0)
+  with_head = lambda x_t, mt: jnp.concatenate([oracle(x_t, mt), 7 + jnp.zeros_like(x_t)], -1)
+  np.testing.assert_allclose(process.loss(with_head, x0, rng)[0], loss, atol=1e-12)
+  # The wrong model's loss is mean_flat(target²) at the times and noise the loss drew.
+  seen = {}
+
+  def spy(x_t, model_time):
+    seen["x_t"], seen["t"] = x_t, model_time.astype(jnp.int32)
+    return jnp.zeros_like(x_t)
+
+  process.loss(spy, x0, rng)
+  abar = process.alpha_bar(seen["t"]).reshape(-1, 1, 1, 1)
+  eps = (seen["x_t"] - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+  np.testing.assert_allclose(wrong, mean_flat(process.target(x0, eps, seen["t"]) ** 2),
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
+def test_flow_loss(time_sampling):
+  flow = RectifiedFlow(time_sampling=time_sampling, shift=3.0)
+  x0, _ = x0_and_noise(7)
+  rng = jax.random.PRNGKey(4)
+  loss, metrics = flow.loss(_flow_oracle(flow, x0), x0, rng)
+  assert loss.shape == (SHAPE[0],)
+  print(f"[loss] flow {time_sampling} oracle: {float(loss.max()):.3g}")
+  assert float(loss.max()) <= 1e-8
+  np.testing.assert_allclose(metrics["loss"], loss.mean(), rtol=1e-6)
+  wrong, _ = flow.loss(lambda x_t, mt: jnp.zeros_like(x_t), x0, rng)
+  assert float(wrong.min()) > 1e-2
+  np.testing.assert_array_equal(wrong, flow.loss(lambda x_t, mt: jnp.zeros_like(x_t), x0,
+                                                 rng)[0])
+
+
+def test_loss_is_jittable_and_differentiable():
+  process = gaussian("linear", "epsilon")
+  x0, _ = x0_and_noise(8)
+
+  def objective(scale, rng):
+    loss, _ = process.loss(lambda x_t, mt: scale * x_t, x0, rng)
+    return loss.mean()
+
+  value, grad = jax.jit(jax.value_and_grad(objective))(jnp.float32(0.5), jax.random.PRNGKey(0))
+  assert np.isfinite(float(value)) and np.isfinite(float(grad)) and float(grad) != 0.0
+
+
+# -- classifier-free guidance ----------------------------------------------------------
+def _counting_apply(calls, out_channels):
+  """A label-dependent apply_fn(x, t, labels) that records the shapes it is called with."""
+
+  def apply_fn(x, t, labels):
+    calls.append((x.shape, t, labels))
+    lab = labels.astype(jnp.float32).reshape(-1, 1, 1, 1)
+    tt = t.reshape(-1, 1, 1, 1)
+    main = jnp.sin(x * (1.0 + 0.1 * lab)) + 0.01 * tt + 0.2 * lab
+    extra = jnp.cos(x[..., :out_channels - x.shape[-1]] + lab) if out_channels > x.shape[-1] \
+        else x[..., :0]
+    return jnp.concatenate([main, extra], axis=-1)
+
+  return apply_fn
+
+
+def test_guidance_scale_one_is_the_conditional_model():
+  calls = []
+  apply_fn = _counting_apply(calls, 6)
+  x, _ = x0_and_noise(9)
+  t = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+  labels = jnp.asarray([0, 1, 2, 3])
+  out = guided_model_fn(apply_fn, labels, null_label=10, scale=1.0, guided_channels=3)(x, t)
+  assert len(calls) == 1 and calls[0][0] == SHAPE
+  np.testing.assert_array_equal(out, apply_fn(x, t, labels))
+
+
+@pytest.mark.parametrize("scale", [0.0, 4.0])
+def test_guidance_combines_cond_and_uncond_in_one_call(scale):
+  calls = []
+  apply_fn = _counting_apply(calls, 6)  # 3 guided channels + 3 "learned variance" channels
+  x, _ = x0_and_noise(10)
+  t = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+  labels = jnp.asarray([0, 1, 2, 3])
+  null = 10
+  out = guided_model_fn(apply_fn, labels, null_label=null, scale=scale, guided_channels=3)(x, t)
+  # One forward pass on the doubled batch [cond | uncond].
+  assert len(calls) == 1
+  shape, t_seen, labels_seen = calls[0]
+  assert shape == (2 * SHAPE[0],) + SHAPE[1:]
+  np.testing.assert_array_equal(t_seen, np.concatenate([t, t]))
+  np.testing.assert_array_equal(labels_seen, [0, 1, 2, 3, null, null, null, null])
+
+  cond = apply_fn(x, t, labels)
+  uncond = apply_fn(x, t, jnp.full_like(labels, null))
+  assert out.shape == cond.shape == (*SHAPE[:-1], 6)
+  expected = uncond[..., :3] + scale * (cond[..., :3] - uncond[..., :3])
+  np.testing.assert_allclose(out[..., :3], expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(out[..., 3:], cond[..., 3:])  # variance from the cond half
+  if scale == 0.0:
+    np.testing.assert_allclose(out[..., :3], uncond[..., :3], atol=1e-6)
+
+
+def test_guidance_without_extra_channels_under_jit():
+  calls = []
+  apply_fn = _counting_apply(calls, 3)
+  x, _ = x0_and_noise(11)
+  t = jnp.asarray([5.0, 6.0, 7.0, 8.0])
+  labels = jnp.asarray([4, 3, 2, 1])
+  model_fn = guided_model_fn(apply_fn, labels, null_label=0, scale=2.5, guided_channels=3)
+  out = jax.jit(model_fn)(x, t)
+  cond, uncond = apply_fn(x, t, labels), apply_fn(x, t, jnp.zeros_like(labels))
+  np.testing.assert_allclose(out, uncond + 2.5 * (cond - uncond), rtol=1e-5, atol=1e-6)
