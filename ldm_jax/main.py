@@ -112,7 +112,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _setup_logging()
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / Grain chatter
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax / Grain chatter
   try:
     if _MODE.value not in MODES:
       raise UserError(f"unknown --mode={_MODE.value!r}; valid: {list(MODES)}")
@@ -131,7 +131,11 @@ def main(argv):
       sample_from_workdir(config, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Nothing was written; skip interpreter teardown, where Orbax / TensorStore
+    # background threads of a failed restore print asyncio tracebacks.
+    os._exit(2)
 
 
 def run():

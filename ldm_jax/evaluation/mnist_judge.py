@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import scipy.linalg
 
+from ldm_jax.convert.common import flatten_params, unflatten
 from ldm_jax.data.builtin import load_mnist
 from ldm_jax.errors import check
 
@@ -120,36 +121,15 @@ def load_or_train(seed: int = 0):
     with np.load(path) as data:
       flat = {k: data[k] for k in data.files if k != "__accuracy__"}
       accuracy = float(data["__accuracy__"])
-    params = jax.tree_util.tree_map(jnp.asarray, _unflatten(flat))
+    params = jax.tree_util.tree_map(jnp.asarray, unflatten(flat))
     return params, accuracy
   logger.info("training the MNIST judge classifier (cached afterwards in %s)", path)
   params, accuracy = train_classifier(seed)
   os.makedirs(CACHE_DIR, exist_ok=True)
-  flat = _flatten(jax.device_get(params))
+  flat = flatten_params(params)
   np.savez(path + ".tmp.npz", __accuracy__=np.float64(accuracy), **flat)
   os.replace(path + ".tmp.npz", path)
   return params, accuracy
-
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = np.asarray(v)
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:

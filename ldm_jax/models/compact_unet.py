@@ -8,13 +8,12 @@ at 14×14 and 7×7 buy far more quality per second than attention at 28×28.
 The full LDM / ADM U-Nets live in their own files (later issue).
 """
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ldm_jax.errors import check
+from ldm_jax.models.registry import variant_kwargs
 from ldm_jax.models.embeddings import ClassEmbedder, timestep_features
 from ldm_jax.models.layers import Dtype, conv, dense, group_norm
 
@@ -123,11 +122,4 @@ class CompactUNet(nn.Module):
 
 def build(model_config, **overrides) -> CompactUNet:
   """A `CompactUNet` from `config.model` (`variant` from VARIANTS plus overrides)."""
-  check(model_config.variant in VARIANTS,
-        f"unknown compact_unet variant {model_config.variant!r}; valid: {sorted(VARIANTS)}")
-  fields = {f.name for f in dataclasses.fields(CompactUNet)} - {"parent", "name"}
-  kwargs = dict(VARIANTS[model_config.variant])
-  kwargs.update({k: (tuple(v) if isinstance(v, list) else v)
-                 for k, v in model_config.items() if k in fields})
-  kwargs.update(overrides)
-  return CompactUNet(**kwargs)
+  return CompactUNet(**variant_kwargs(CompactUNet, VARIANTS, model_config, overrides))

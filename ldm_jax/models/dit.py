@@ -6,13 +6,12 @@ PyTorch `models.py` (x_embedder, t_embedder, y_embedder, blocks, final_layer) so
 converters in `ldm_jax/convert/dit.py` are near-identity. Images are NHWC.
 """
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ldm_jax.errors import check
+from ldm_jax.models.registry import variant_kwargs
 from ldm_jax.models.embeddings import ClassEmbedder, TimestepEmbedder, sincos_2d
 from ldm_jax.models.layers import (Attention, Dtype, Mlp, conv, layer_norm, modulate,
                                    nn_xavier_flat, zero_dense)
@@ -138,12 +137,7 @@ class DiT(nn.Module):
 
 def build(model_config, **overrides) -> DiT:
   """A `DiT` from `config.model` (`variant` from VARIANTS plus field overrides)."""
-  check(model_config.variant in VARIANTS,
-        f"unknown DiT variant {model_config.variant!r}; valid: {sorted(VARIANTS)}")
-  fields = {f.name for f in dataclasses.fields(DiT)} - {"parent", "name"}
-  kwargs = dict(VARIANTS[model_config.variant])
-  kwargs.update({k: v for k, v in model_config.items() if k in fields})
-  kwargs.update(overrides)
+  kwargs = variant_kwargs(DiT, VARIANTS, model_config, overrides)
   size, patch = kwargs.get("input_size", 32), kwargs["patch_size"]
   check(size % patch == 0,
         f"DiT: image size {size} is not divisible by patch size {patch} "

@@ -1,6 +1,7 @@
 """Model lookup by name: `config.model.name` picks the file, `config.model.variant`
 a row of that file's VARIANTS table."""
 
+import dataclasses
 import importlib
 
 import jax
@@ -28,3 +29,16 @@ def build_model(model_config, **overrides):
 def count_params(params) -> int:
   """Number of scalars in a parameter pytree (works on ShapeDtypeStructs too)."""
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def variant_kwargs(module_class, variants: dict, model_config, overrides: dict) -> dict:
+  """Constructor arguments: the `model_config.variant` row of `variants`, then the
+  config's keys that are fields of `module_class`, then `overrides`."""
+  check(model_config.variant in variants,
+        f"unknown {model_config.name} variant {model_config.variant!r}; valid: {sorted(variants)}")
+  fields = {f.name for f in dataclasses.fields(module_class)} - {"parent", "name"}
+  kwargs = dict(variants[model_config.variant])
+  kwargs.update({k: (tuple(v) if isinstance(v, list) else v)
+                 for k, v in model_config.items() if k in fields})
+  kwargs.update(overrides)
+  return kwargs

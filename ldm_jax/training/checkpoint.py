@@ -2,8 +2,11 @@
 RNG), the Grain iterator state and the resolved config, saved as one composite
 step directory under `workdir/checkpoints/`."""
 
+import io
 import json
 import os
+import sys
+import time
 
 import grain
 import jax
@@ -51,17 +54,26 @@ class Checkpointer:
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     path = os.path.join(self.directory, str(step))
+    # TensorStore's callbacks print asyncio tracebacks from background threads when a
+    # read fails; hold stderr while restoring so a damaged file yields one clear error.
+    held, sys.stderr = sys.stderr, io.StringIO()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       state = restored["state"]
       jax.block_until_ready(state)
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
+      time.sleep(0.5)  # let the failing background reads finish printing into the buffer
+      sys.stderr = held
       others = [s for s in self.all_steps() if s != step]
       raise UserError(
           f"checkpoint {path} is corrupt or truncated and cannot be restored "
           f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Nothing was changed. "
           f"Move that directory away to resume from an earlier step "
           f"(others present: {others or 'none'}), or use a new --workdir.") from e
+    finally:
+      if sys.stderr is not held:  # success: pass on anything written meanwhile
+        held.write(sys.stderr.getvalue())
+        sys.stderr = held
     logging.info("restored checkpoint %s", path)
     return state
 
