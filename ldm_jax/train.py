@@ -97,27 +97,31 @@ def train_and_evaluate(config, workdir: str):
   pending = []  # device metrics since the last report: no host sync inside the loop
   step = start_step
   started = time.time()
-  with jax.set_mesh(mesh):
-    while step < stop_at:
-      batch = sharding.put_batch(next(data_iter), batch_sharding)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      step += 1
-      if step % config.log_every_steps == 0 or step == stop_at:
-        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-        check_finite(means, step)
-        means.update(progress.report(step, means))
-        writer.scalars(step, means)
-        pending = []
-      if step % config.ckpt.every_steps == 0 or step == stop_at:
-        checkpointer.save(step, state, data_iter, run_config.config_to_dict(config), force=True)
-      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < stop_at:
+  try:
+    with jax.set_mesh(mesh):
+      while step < stop_at:
+        batch = sharding.put_batch(next(data_iter), batch_sharding)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        step += 1
+        save_now = step % config.ckpt.every_steps == 0 or step == stop_at
+        if step % config.log_every_steps == 0 or save_now:
+          means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+          check_finite(means, step)  # before a checkpoint could hold NaNs
+          means.update(progress.report(step, means))
+          writer.scalars(step, means)
+          pending = []
+        if save_now:
+          checkpointer.save(step, state, data_iter, run_config.config_to_dict(config), force=True)
+        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < stop_at:
+          log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
+      if step == config.num_train_steps and step > start_step:
         log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
-    if step == config.num_train_steps and step > start_step:
-      log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
-  logger.info("trained %d steps in %.1f s", step - start_step, time.time() - started)
-  checkpointer.close()
-  writer.close()
+    logger.info("trained %d steps in %.1f s", step - start_step, time.time() - started)
+  finally:  # also on errors: finish in-flight checkpoint writes, flush events
+    checkpointer.close()
+    writer.close()
   return state
 
 

@@ -115,3 +115,12 @@ def test_dit_with_gaussian_v_prediction_trains_and_samples(tmp_path):
   out_dir = sample_from_workdir(config, str(tmp_path))
   with np.load(os.path.join(out_dir, "samples.npz")) as data:
     assert data["arr_0"].shape == (4, 28, 28, 1) and data["arr_0"].std() > 0
+
+
+def test_divergence_stops_before_writing_a_nan_checkpoint(tmp_path):
+  from ldm_jax.errors import UserError
+  config = tiny_config(**{"optim.learning_rate": 1e30, "optim.grad_clip": 0.0,
+                          "optim.warmup_steps": 1, "log_every_steps": 100})
+  with pytest.raises(UserError, match="training diverged at step 3"):
+    train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(os.path.join(tmp_path, "checkpoints"))  # nothing saved

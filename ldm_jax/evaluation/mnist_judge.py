@@ -5,7 +5,7 @@ its ReLU) of the
 samples and of the real training digits, next to the same distance for the
 held-out real digits (the floor a perfect generator would reach at that size).
 
-The classifier trains in about a minute on a 2-core CPU, deterministically from
+The classifier trains in about 70 s on a 2-core CPU, deterministically from
 its seed, and is cached under ~/.cache/ldm_jax/.
 
   python -m ldm_jax.evaluation.mnist_judge --samples=runs/quickstart/samples/<dir>/samples.npz
@@ -27,17 +27,16 @@ from ldm_jax.data.builtin import load_mnist
 from ldm_jax.errors import check
 
 logger = logging.getLogger("ldm_jax")
-JUDGE_VERSION = 2
+JUDGE_VERSION = 3
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax")
 
 
 class Classifier(nn.Module):
-  """conv32 -> conv32 -> pool -> conv64 -> conv64 -> pool -> dense128 -> 10."""
+  """conv32 -> pool -> conv64 -> pool -> dense128 -> 10 (trains in ~1 min on 2 cores)."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for features in (32, 64):
-      x = nn.relu(nn.Conv(features, (3, 3))(x))
       x = nn.relu(nn.Conv(features, (3, 3))(x))
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
@@ -59,7 +58,7 @@ def _random_shift(key, images, max_shift=2):
   return jax.vmap(crop)(padded, shifts)
 
 
-def train_classifier(seed: int = 0, epochs: int = 12, batch_size: int = 128):
+def train_classifier(seed: int = 0, epochs: int = 16, batch_size: int = 128):
   """Trains the judge on the training split; returns (params, heldout accuracy)."""
   images, labels = load_mnist("train")
   model = Classifier()
