@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mesh.axes = ("data", "fsdp", "tensor")
   mesh.shape = (-1, 1, 1)
   # logical axis -> mesh axis ("" = replicated).
-  mesh.rules = (("batch", "data"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+  mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
                 ("kv", ""), ("tokens", ""), ("classes", ""), ("conv_in", ""),
                 ("conv_out", "tensor"), ("norm", ""))
 

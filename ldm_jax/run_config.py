@@ -24,6 +24,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"sample.batch_size must be > 0, got {config.sample.batch_size}")
   check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
   check(config.log_every_steps > 0, f"log_every_steps must be > 0, got {config.log_every_steps}")
+  guidance = config.sample.get("guidance_scale", 1.0)
+  check(guidance == 1.0 or config.model.get("class_dropout_prob", 0.1) > 0,
+        f"sample.guidance_scale={guidance} needs the null class, which only exists with "
+        f"model.class_dropout_prob > 0 (got {config.model.get('class_dropout_prob')}); "
+        f"set guidance_scale=1.0 or train with class dropout")
   for label in config.sample.labels:
     check(0 <= int(label) < config.data.num_classes,
           f"sample.labels contains {label}; valid labels are 0..{config.data.num_classes - 1}")
@@ -87,8 +92,12 @@ def read_saved_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e}); restore it or move it away "
+                    f"(the checkpoints hold their own copy of the config)") from e
 
 
 def write_config(workdir: str, config) -> None:

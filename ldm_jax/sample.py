@@ -99,6 +99,8 @@ def sample_from_workdir(config, workdir: str) -> str:
   workdir = run_config.prepare_workdir(workdir, create=False)
   check(os.path.isdir(workdir), f"--workdir {workdir!r} does not exist: nothing to sample from "
                                 f"(train first with --mode=train)")
+  check(os.access(workdir, os.W_OK | os.X_OK),
+        f"--workdir {workdir!r} is not writable: samples could not be saved there")
   checkpointer = Checkpointer(workdir, read_only=True)
   step = checkpointer.latest_step()
   check(step is not None, f"--mode=sample: no checkpoint in {checkpointer.directory}; "
@@ -122,7 +124,7 @@ def sample_from_workdir(config, workdir: str) -> str:
     images = generate(sample_fn, params, labels, config.sample.batch_size,
                       jax.random.key(config.sample.seed))
   out_dir = unique_dir(os.path.join(workdir, "samples", output_name(step, config.sample)))
-  write_outputs(out_dir, images, labels, columns=config.data.num_classes)
+  write_outputs(out_dir, images, labels, columns=min(config.data.num_classes, 16))
   logger.info("wrote %d samples to %s", len(images), out_dir)
   if config.sample.judge and config.data.source == "mnist":
     from ldm_jax.evaluation.mnist_judge import judge_samples

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+from clu import parameter_overview
 from PIL import Image
 
 from ldm_jax import run_config
@@ -22,21 +23,27 @@ from ldm_jax.sample import make_sample_fn
 from ldm_jax.training import sharding
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.metrics import MetricWriter, Progress, image_grid
-from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from ldm_jax.training.step import make_train_step
 from ldm_jax.training.train_state import create_state
 
 logger = logging.getLogger("ldm_jax")
 
 
+def grid_classes(num_classes: int, at_most: int = 16) -> np.ndarray:
+  """The classes shown in sample grids: all of them, or `at_most` evenly spread."""
+  return np.unique(np.linspace(0, num_classes - 1, min(num_classes, at_most)).round().astype(int))
+
+
 def log_sample_grid(sample_fn, params, config, step, writer, workdir):
   """Samples `grid_per_class` images per class with EMA params; TensorBoard + PNG."""
   per_class = config.eval.grid_per_class
-  labels = np.repeat(np.arange(config.data.num_classes), per_class).astype(np.int32)
+  classes = grid_classes(config.data.num_classes)
+  labels = np.repeat(classes, per_class).astype(np.int32)
   images = np.asarray(sample_fn(params, labels, jax.random.key(config.sample.seed)))
-  # Column-major: one row per sample index, one column per class.
-  grid = image_grid(images.reshape(config.data.num_classes, per_class, *images.shape[1:])
-                    .transpose(1, 0, 2, 3, 4).reshape(images.shape), config.data.num_classes)
+  # One column per class, one row per sample index.
+  grid = image_grid(images.reshape(len(classes), per_class, *images.shape[1:])
+                    .transpose(1, 0, 2, 3, 4).reshape(images.shape), len(classes))
   writer.image(step, "samples/ema", grid)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
@@ -56,40 +63,45 @@ def train_and_evaluate(config, workdir: str):
   process = build_process(config.diffusion)
   check_sample_config(process, config.sample)  # fail now, not after hours of training
   tx = make_optimizer(config.optim, config.num_train_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  sharding.check_batch_divisible(config.data.batch_size, batch_sharding)
   workdir = run_config.prepare_workdir(workdir)
   checkpointer = Checkpointer(workdir, config.ckpt.max_to_keep)
   saved = run_config.read_saved_config(workdir) or checkpointer.restore_config()
   run_config.check_compatible(saved, config, workdir)
 
-  # -- 2. mesh ----------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
-
-  # -- 3. data ----------------------------------------------------------------
+  # -- 2. data ----------------------------------------------------------------
   data_iter = make_train_iterator(config.data, config.data.batch_size, config.seed)
-  batch_sharding = sharding.batch_sharding(mesh)
 
-  # -- 4. state: born sharded, or restored ------------------------------------
+  # -- 3. state: born sharded, or restored (into an abstract target) ----------
+  resuming = checkpointer.latest_step() is not None
   with jax.set_mesh(mesh):
-    state, state_shardings = create_state(model, tx, config.data, config.seed, mesh, rules)
-  if checkpointer.latest_step() is not None:
+    state, state_shardings = create_state(model, tx, config.data, config.seed, mesh, rules,
+                                          materialize=not resuming)
+  if resuming:
     state = checkpointer.restore(state, data_iter)
   if jax.process_index() == 0:  # only once the run is known to be resumable
     run_config.write_config(workdir, config)
   start_step = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+      f.write(parameter_overview.get_parameter_overview(state.params, include_stats=False))
   logger.info("model %s/%s: %s parameters; process %s; starting at step %d of %d",
               config.model.name, config.model.variant, f"{count_params(state.params):,}",
               config.diffusion.process, start_step, config.num_train_steps)
 
-  # -- 5. the jitted step and sampler -----------------------------------------
-  train_step = jax.jit(make_train_step(model, process, tx, config.optim.ema_decay,
-                                       config.optim.ema_warmup),
+  # -- 4. the jitted step and sampler -----------------------------------------
+  train_step = jax.jit(make_train_step(
+      model, process, tx, config.optim.ema_decay, config.optim.ema_warmup,
+      learning_rate_schedule(config.optim, config.num_train_steps)),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   sample_fn = make_sample_fn(model, process, config.data, config.sample)
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), jax.process_index() == 0)
 
-  # -- 6. the loop --------------------------------------------------------------
+  # -- 5. the loop --------------------------------------------------------------
   stop_at = config.num_train_steps
   if config.max_steps_per_run > 0:
     stop_at = min(stop_at, start_step + config.max_steps_per_run)
@@ -106,15 +118,16 @@ def train_and_evaluate(config, workdir: str):
         step += 1
         save_now = step % config.ckpt.every_steps == 0 or step == stop_at
         if step % config.log_every_steps == 0 or save_now:
-          means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                   for k in pending[0]}
+          fetched = jax.device_get(pending)  # the one host sync per report
+          means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
           check_finite(means, step)  # before a checkpoint could hold NaNs
           means.update(progress.report(step, means))
           writer.scalars(step, means)
           pending = []
         if save_now:
           checkpointer.save(step, state, data_iter, run_config.config_to_dict(config), force=True)
-        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < stop_at:
+        if (config.eval.every_steps and step % config.eval.every_steps == 0
+            and step < config.num_train_steps):
           log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
       if step == config.num_train_steps and step > start_step:
         log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)

@@ -72,8 +72,9 @@ def test_workdir_not_creatable(tmp_path):
   _fails(run_cli(TINY, f"--workdir={blocker}/sub"), "cannot be created")
 
 
-def test_workdir_not_writable(tmp_path):
-  _fails(run_cli(TINY, "--workdir=/proc/ldm_jax_run"), "/proc/ldm_jax_run")
+def test_workdir_on_a_read_only_filesystem(tmp_path):
+  # (The not-writable branch itself is unit-tested in test_run_config.py: root writes anywhere.)
+  _fails(run_cli(TINY, "--workdir=/proc/ldm_jax_run"), "/proc/ldm_jax_run", "cannot be created")
 
 
 def test_sample_without_checkpoint(tmp_path):
@@ -88,6 +89,11 @@ def test_sampler_that_does_not_fit_the_process(tmp_path):
   _fails(run_cli(TINY, "--config.sample.sampler=ddim", f"--workdir={tmp_path}/w"),
          "sample.sampler='ddim'", "flow", "['euler']")
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_guidance_without_a_null_class(tmp_path):
+  _fails(run_cli(TINY, "--config.model.class_dropout_prob=0.0", f"--workdir={tmp_path}/w"),
+         "sample.guidance_scale=1.5 needs the null class", "class_dropout_prob")
 
 
 def test_unknown_mode(tmp_path):

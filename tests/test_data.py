@@ -85,13 +85,15 @@ def test_image_folder_source(tmp_path):
       Image.fromarray(rng.integers(0, 255, (40, 30, 3), np.uint8)).save(tmp_path / name / f"{i}.png")
   (tmp_path / "dog" / "notes.txt").write_text("ignored")
   config = tiny_config(**{"data.source": "folder", "data.folder": str(tmp_path),
-                          "data.image_size": 16, "data.channels": 3}).data
+                          "data.image_size": 16, "data.channels": 3, "data.num_classes": 2}).data
   source = make_source(config)
   assert len(source) == 6 and source.classes == ["cat", "dog"]
   record = source[4]
   assert record["image"].shape == (16, 16, 3) and record["label"] == 1
   batch = next(make_train_iterator(config, 4, seed=0))
   assert batch["image"].shape == (4, 16, 16, 3)
+  with pytest.raises(UserError, match="has 2 class sub-folders.*data.num_classes=10"):
+    make_source(tiny_config(**{"data.source": "folder", "data.folder": str(tmp_path)}).data)
   with pytest.raises(UserError, match="no class sub-folders"):
     make_source(tiny_config(**{"data.source": "folder", "data.folder": str(tmp_path / "cat")}).data)
 
@@ -107,6 +109,11 @@ def test_tfds_data_source_without_tensorflow():
     assert 0 <= record["label"] < 10
     batch = next(make_train_iterator(config, 8, seed=0))
     assert batch["image"].shape == (8, 28, 28, 1)
+
+
+def test_mnist_needs_ten_classes():
+  with pytest.raises(UserError, match="data.num_classes=5"):
+    make_source(tiny_config(**{"data.num_classes": 5}).data)
 
 
 def test_bad_source_names_valid_ones():

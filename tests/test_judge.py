@@ -27,7 +27,7 @@ def test_judge_scores_real_digits_high_and_noise_low(tmp_path):
   held_x, held_y = load_mnist("heldout")
   report = mnist_judge.judge_samples(held_x, held_y, out_dir=str(tmp_path))
   assert report["judge_heldout_accuracy"] >= 0.97
-  assert report["accuracy"] == report["judge_heldout_accuracy"]
+  assert report["accuracy"] >= 0.97 and report["fd"] < 50
   assert (tmp_path / "judge.json").exists()
   noise = np.random.default_rng(0).integers(0, 256, held_x.shape).astype(np.uint8)
   noisy = mnist_judge.judge_samples(noise, held_y)

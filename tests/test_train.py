@@ -31,6 +31,9 @@ def test_training_writes_checkpoints_config_and_events(trained):
   scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value
              if v.HasField("simple_value")}
   assert {("loss", 2), ("loss", 4), ("loss", 6), ("grad_norm", 6)} <= set(scalars)
+  # Warm-up over 2 steps, then cosine decay to 0 at step 6 (means over the window).
+  assert scalars[("learning_rate", 2)] == pytest.approx(config.optim.learning_rate / 4)
+  assert scalars[("learning_rate", 6)] < scalars[("learning_rate", 4)]
   assert all(np.isfinite(v) for v in scalars.values())
   images = [v for e in events for v in e.summary.value if v.HasField("image")]
   assert images and images[0].image.height > 28

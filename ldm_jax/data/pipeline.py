@@ -34,13 +34,20 @@ def make_source(data_config, split: str | None = None):
         f"unknown data.source {data_config.source!r}; valid: {list(SOURCES)}")
   split = split or data_config.split
   if data_config.source == "mnist":
-    check(data_config.image_size == 28 and data_config.channels == 1,
-          f"built-in MNIST is 28x28x1; got data.image_size={data_config.image_size}, "
-          f"data.channels={data_config.channels}")
+    check(data_config.image_size == 28 and data_config.channels == 1
+          and data_config.num_classes == 10,
+          f"built-in MNIST is 28x28x1 with 10 classes; got data.image_size="
+          f"{data_config.image_size}, data.channels={data_config.channels}, "
+          f"data.num_classes={data_config.num_classes}")
     return ArraySource(*builtin.load_mnist(split))
   if data_config.source == "folder":
     from ldm_jax.data.folders import ImageFolderSource
-    return ImageFolderSource(data_config.folder, data_config.image_size, data_config.channels)
+    source = ImageFolderSource(data_config.folder, data_config.image_size, data_config.channels)
+    check(len(source.classes) == data_config.num_classes,
+          f"data.folder {data_config.folder!r} has {len(source.classes)} class sub-folders "
+          f"{source.classes[:10]}, but data.num_classes={data_config.num_classes}; set "
+          f"data.num_classes={len(source.classes)}")
+    return source
   from ldm_jax.data.tfds import TfdsSource
   return TfdsSource(data_config.name, split, data_config.get("data_dir") or None,
                     data_config.image_size, data_config.channels)

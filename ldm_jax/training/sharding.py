@@ -38,6 +38,16 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(data_axes))
 
 
+def check_batch_divisible(global_batch: int, sharding: NamedSharding) -> None:
+  """The global batch must split evenly over the data-parallel devices."""
+  spec = sharding.spec[0] or ()
+  axes = spec if isinstance(spec, tuple) else (spec,)
+  ways = math.prod(sharding.mesh.shape[a] for a in axes)
+  check(global_batch % ways == 0,
+        f"data.batch_size={global_batch} does not split over the {ways} data-parallel "
+        f"devices of mesh axes {axes}; use a multiple of {ways}")
+
+
 def shardings_from_boxed(boxed_tree, mesh, rules):
   """NamedShardings for a tree of (abstract) boxed variables with logical names."""
   specs = nn.get_partition_spec(boxed_tree)

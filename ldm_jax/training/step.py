@@ -14,7 +14,7 @@ def to_model_range(images_uint8):
   return images_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
-def make_train_step(model, process, tx, ema: float, ema_warmup: bool):
+def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedule=None):
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   Args:
@@ -23,6 +23,7 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool):
     tx: the optax optimizer.
     ema: EMA decay.
     ema_warmup: ramp the EMA decay in early steps.
+    lr_schedule: optional step -> learning rate, reported in the metrics.
   """
 
   def train_step(state: TrainState, batch):
@@ -43,6 +44,8 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool):
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema, ema_warmup)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if lr_schedule is not None:
+      metrics["learning_rate"] = lr_schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params, decay))
     return new_state, metrics
