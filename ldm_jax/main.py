@@ -1,7 +1,7 @@
 """Entry point.
 
   python -m ldm_jax.main --config=configs/quickstart.py[:preset] --workdir=DIR \
-      [--mode=train|sample] [--config.a.b=value ...]
+      [--mode=train|sample|bpd] [--config.a.b=value ...]
 
 A mistake the user can fix (bad config value, bad workdir, damaged checkpoint)
 ends with one line `error: ...` and exit status 2; nothing is overwritten.
@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from ldm_jax.errors import UserError
 
-MODES = ("train", "sample")
+MODES = ("train", "sample", "bpd")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:preset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -126,9 +126,12 @@ def main(argv):
     if _MODE.value == "train":
       from ldm_jax.train import train_and_evaluate
       train_and_evaluate(config, _WORKDIR.value)
-    else:
+    elif _MODE.value == "sample":
       from ldm_jax.sample import sample_from_workdir
       sample_from_workdir(config, _WORKDIR.value)
+    else:
+      from ldm_jax.evaluation.likelihood import bpd_from_workdir
+      bpd_from_workdir(config, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()

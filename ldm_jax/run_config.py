@@ -11,8 +11,19 @@ from ldm_jax.errors import UserError, check
 CONFIG_FILE = "config.json"
 # Sections / keys that define the checkpointed state; changing them breaks a resume.
 # (optim.grad_clip changes the optimizer-state structure; the learning rate does not.)
-STATE_DEFINING = ("model", "diffusion", "data.image_size", "data.channels", "data.num_classes",
-                  "optim.grad_clip")
+# `task` (denoise | classify) decides what the params are; absent (older runs) = denoise.
+STATE_DEFINING = ("task", "model", "diffusion", "data.image_size", "data.channels",
+                  "data.num_classes", "optim.grad_clip")
+
+
+TASKS = ("denoise", "classify")
+
+
+def task_of(config) -> str:
+  """`config.task`; configs (and saved config.json files) without it are "denoise"."""
+  task = config.get("task", "denoise")
+  check(task in TASKS, f"unknown task {task!r}; valid: {list(TASKS)}")
+  return task
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -25,10 +36,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
   check(config.log_every_steps > 0, f"log_every_steps must be > 0, got {config.log_every_steps}")
   guidance = config.sample.get("guidance_scale", 1.0)
+  conditional = config.model.get("class_conditional", True)
+  check(conditional or guidance == 1.0,
+        f"sample.guidance_scale={guidance} (classifier-free guidance) needs a class-conditional "
+        f"denoiser, but model.class_conditional=False; set sample.guidance_scale=1.0")
   check(guidance == 1.0 or config.model.get("class_dropout_prob", 0.1) > 0,
         f"sample.guidance_scale={guidance} needs the null class, which only exists with "
         f"model.class_dropout_prob > 0 (got {config.model.get('class_dropout_prob')}); "
         f"set guidance_scale=1.0 or train with class dropout")
+  task = task_of(config)
+  from ldm_jax.models.registry import CLASSIFIER_MODELS
+  is_classifier = config.model.name in CLASSIFIER_MODELS
+  check(is_classifier == (task == "classify"),
+        f"task={task!r} with model.name={config.model.name!r}: task 'classify' needs a "
+        f"classifier model {list(CLASSIFIER_MODELS)}, task 'denoise' a denoiser")
+  rescale = config.sample.get("guidance_rescale", 0.0)
+  check(0.0 <= rescale <= 1.0, f"sample.guidance_rescale must be in [0, 1], got {rescale}")
+  interval = tuple(config.sample.get("guidance_interval", ()))
+  check(len(interval) in (0, 2) and (not interval or interval[0] <= interval[1]),
+        f"sample.guidance_interval must be empty or (lo, hi) with lo <= hi in model-time "
+        f"units, got {interval}")
+  if config.sample.get("classifier_workdir", ""):
+    from ldm_jax.diffusion.classifier_guidance import check_guided_sampler
+    check_guided_sampler(config.diffusion.process, config.sample.sampler)
+    scale = config.sample.get("classifier_scale", 0.0)
+    check(scale >= 0, f"sample.classifier_scale must be >= 0, got {scale}")
+  variance = config.diffusion.get("variance_type", "fixed_small")
+  if config.diffusion.process == "gaussian" and variance in ("learned", "learned_range"):
+    check(config.model.get("learn_sigma", False),
+          f"diffusion.variance_type={variance!r} trains a variance output: the model must "
+          f"have one (model.learn_sigma=True; model.name={config.model.name!r} has "
+          f"learn_sigma={config.model.get('learn_sigma', 'no such option')!r})")
   for label in config.sample.labels:
     check(0 <= int(label) < config.data.num_classes,
           f"sample.labels contains {label}; valid labels are 0..{config.data.num_classes - 1}")
@@ -61,6 +99,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def _with_task(flat: dict) -> dict:
+  """A flattened config with `task` filled in: configs written before tasks existed
+  are denoisers."""
+  return {"task": "denoise", **flat}
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   """A JSON round-trippable dict (tuples become lists)."""
   return json.loads(config.to_json())
@@ -68,8 +112,8 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 def incompatible_keys(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   """State-defining keys whose values differ between a saved and a new config."""
-  old, new = _flatten(saved), _flatten(config_to_dict(config))
-  keys = sorted(set(old) | set(new))
+  old, new = _with_task(_flatten(saved)), _with_task(_flatten(config_to_dict(config)))
+  keys = sorted(set(old) | set(new), key=lambda k: (k != "task", k))  # the task first
   return [k for k in keys
           if any(k == p or k.startswith(p + ".") for p in STATE_DEFINING)
           and old.get(k, "<absent>") != new.get(k, "<absent>")]
@@ -81,7 +125,7 @@ def check_compatible(saved: dict | None, config, where: str) -> None:
     return
   bad = incompatible_keys(saved, config)
   if bad:
-    old, new = _flatten(saved), _flatten(config_to_dict(config))
+    old, new = _with_task(_flatten(saved)), _with_task(_flatten(config_to_dict(config)))
     details = "; ".join(f"{k}: saved {old.get(k, '<absent>')!r} vs given {new.get(k, '<absent>')!r}"
                         for k in bad[:8])
     raise UserError(f"workdir {where} holds a run with an incompatible config ({details}). "

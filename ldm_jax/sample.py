@@ -1,5 +1,5 @@
 """Sampling: restore the (EMA) parameters, run the configured sampler with
-classifier-free guidance in batches, write a PNG grid and `samples.npz`
+classifier-free guidance (and optionally classifier guidance) in batches, write a PNG grid and `samples.npz`
 (`arr_0` uint8 NHWC, `arr_1` int labels: the ADM / DiT evaluator convention)."""
 
 import logging
@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ldm_jax.diffusion.classifier_guidance import check_guided_sampler, make_cond_fn
 from ldm_jax.diffusion.guidance import guided_model_fn
 from ldm_jax.diffusion.samplers import check_sample_config, run_sampler
 from ldm_jax.errors import check
+from ldm_jax.models.noisy_classifier import logits_fn
+from ldm_jax.models.registry import model_labels
 from ldm_jax.training.metrics import image_grid
 
 logger = logging.getLogger("ldm_jax")
@@ -23,17 +26,32 @@ def to_uint8(images):
   return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def make_sample_fn(model, process, data_config, sample_config):
-  """A jitted `(params, labels (B,), key) -> uint8 images (B, H, W, C)`."""
+def make_sample_fn(model, process, data_config, sample_config, classifier=None):
+  """A jitted `(params, labels (B,), key, classifier_params=None) -> uint8 images
+  (B, H, W, C)`.
+
+  Classifier-free guidance (`sample.guidance_scale`, `guidance_rescale`,
+  `guidance_interval`) is folded into the model function; with a `classifier` module
+  (a task=classify run) and `sample.classifier_scale` s, classifier guidance
+  s·∇ log p(y | x_t) is passed to the sampler as its `cond_fn` (s = 0: no cond_fn,
+  so the result is exactly the unguided sampler's).
+  """
   shape_hw = (data_config.image_size, data_config.image_size, data_config.channels)
+  classifier_scale = float(sample_config.get("classifier_scale", 0.0))
 
   @jax.jit
-  def sample_fn(params, labels, key):
+  def sample_fn(params, labels, key, classifier_params=None):
     def apply_fn(x, t, y):
-      return model.apply({"params": params}, x, t, y)
+      return model.apply({"params": params}, x, t, model_labels(model, y))
     model_fn = guided_model_fn(apply_fn, labels, model.null_class,
-                               float(sample_config.guidance_scale), data_config.channels)
-    x = run_sampler(process, model_fn, (labels.shape[0],) + shape_hw, key, sample_config)
+                               float(sample_config.guidance_scale), data_config.channels,
+                               rescale=float(sample_config.get("guidance_rescale", 0.0)),
+                               interval=tuple(sample_config.get("guidance_interval", ())))
+    cond_fn = None
+    if classifier is not None and classifier_params is not None and classifier_scale != 0:
+      cond_fn = make_cond_fn(logits_fn(classifier, classifier_params), labels, classifier_scale)
+    x = run_sampler(process, model_fn, (labels.shape[0],) + shape_hw, key, sample_config,
+                    cond_fn=cond_fn)
     return to_uint8(x)
 
   return sample_fn
@@ -45,7 +63,8 @@ def sample_labels(num: int, num_classes: int, given=()) -> np.ndarray:
   return np.resize(pattern, num)
 
 
-def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key) -> np.ndarray:
+def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key,
+             classifier_params=None) -> np.ndarray:
   """Runs `sample_fn` over `labels` in fixed-size batches (the last one padded, so one
   compiled program serves every batch); returns uint8 (N, H, W, C)."""
   num = len(labels)
@@ -54,7 +73,8 @@ def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key) -> np.
   for b in range(batches):
     chunk = labels[b * batch_size:(b + 1) * batch_size]
     padded = np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk
-    images = sample_fn(params, jnp.asarray(padded), jax.random.fold_in(key, b))
+    images = sample_fn(params, jnp.asarray(padded), jax.random.fold_in(key, b),
+                       classifier_params)
     out.append(np.asarray(images)[:len(chunk)])
     logger.info("sampling: batch %d/%d (%d/%d images)", b + 1, batches,
                 min((b + 1) * batch_size, num), num)
@@ -80,13 +100,92 @@ def write_outputs(out_dir: str, images: np.ndarray, labels: np.ndarray, columns:
 
 
 def output_name(step: int, sample_config) -> str:
-  return (f"step{step}_{sample_config.sampler}{sample_config.num_steps}"
-          f"_cfg{sample_config.guidance_scale:g}_seed{sample_config.seed}")
+  classifier = (f"_cg{sample_config.classifier_scale:g}"
+                if sample_config.get("classifier_workdir", "") else "")
+  steps = sample_config.get("respacing", "") or sample_config.num_steps  # respacing wins
+  return (f"step{step}_{sample_config.sampler}{steps}"
+          f"_cfg{sample_config.guidance_scale:g}{classifier}_seed{sample_config.seed}")
 
 
-def sample_from_workdir(config, workdir: str) -> str:
-  """`--mode=sample`: restores the latest checkpoint of `workdir`, generates
-  `config.sample.num` images and writes them to a new directory; returns its path."""
+def load_classifier(config, process, mesh):
+  """The classifier of `config.sample.classifier_workdir` (a task=classify run) for
+  classifier guidance: returns (module, params) (EMA params unless
+  `sample.classifier_use_ema` is False), or (None, None) when none is configured.
+
+  Its config.json must describe a classifier of the same image size, channels and
+  classes, trained on a process with the same noise schedule as `process` (the
+  classifier only ever saw x_t of its own schedule)."""
+  import ml_collections
+  from ldm_jax import run_config
+  from ldm_jax.diffusion import build_process
+  from ldm_jax.diffusion.gaussian import GaussianDiffusion
+  from ldm_jax.models import build_model
+  from ldm_jax.training import sharding
+  from ldm_jax.training.checkpoint import Checkpointer
+  from ldm_jax.training.optimizer import make_optimizer
+  from ldm_jax.training.train_state import create_state
+
+  where = config.sample.get("classifier_workdir", "")
+  if not where:
+    return None, None
+  scale = config.sample.get("classifier_scale", 0.0)
+  check(scale >= 0, f"sample.classifier_scale must be >= 0, got {scale}")
+  check_guided_sampler(config.diffusion.process, config.sample.sampler)
+  path = os.path.abspath(where)
+  check(os.path.isdir(path), f"sample.classifier_workdir {where!r} does not exist; give the "
+                             f"--workdir of a run trained with task='classify'")
+  checkpointer = Checkpointer(path, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    check(step is not None, f"sample.classifier_workdir {where!r} holds no checkpoint; "
+                            f"train the classifier first (task='classify')")
+    saved = run_config.read_saved_config(path) or checkpointer.restore_config(step)
+    check(saved is not None, f"sample.classifier_workdir {where!r} has no config.json")
+    saved_task = saved.get("task", "denoise")
+    check(saved_task == "classify",
+          f"sample.classifier_workdir {where!r} holds a task={saved_task!r} run; classifier "
+          f"guidance needs a run trained with task='classify'")
+    data = saved.get("data", {})
+    for key in ("image_size", "channels", "num_classes"):
+      check(data.get(key) == config.data[key],
+            f"sample.classifier_workdir {where!r}: its classifier has data.{key}="
+            f"{data.get(key)!r} but this denoiser has data.{key}={config.data[key]!r}")
+    theirs = ml_collections.ConfigDict(saved.get("diffusion", {}))
+    differing = sorted(k for k in set(theirs) | set(config.diffusion)
+                       if theirs.get(k, "<absent>") != config.diffusion.get(k, "<absent>"))
+    clf_process = build_process(theirs, config.data.image_size)
+    same = (isinstance(clf_process, GaussianDiffusion) and isinstance(process, GaussianDiffusion)
+            and np.array_equal(clf_process.alphas_cumprod, process.alphas_cumprod))
+    check(same, f"sample.classifier_workdir {where!r}: the classifier was trained on a "
+                f"different diffusion process (differing diffusion keys, classifier vs "
+                f"denoiser: " + "; ".join(f"{k}: {theirs.get(k, '<absent>')!r} vs "
+                                          f"{config.diffusion.get(k, '<absent>')!r}"
+                                          for k in differing[:8]) +
+                "); train it with the denoiser's diffusion settings")
+    model_config = ml_collections.ConfigDict(saved["model"])
+    data_config = ml_collections.ConfigDict(data)
+    classifier = build_model(model_config, input_size=data_config.image_size,
+                             in_channels=data_config.channels,
+                             num_classes=data_config.num_classes)
+    tx = make_optimizer(ml_collections.ConfigDict(saved["optim"]), saved["num_train_steps"])
+    with jax.set_mesh(mesh):
+      abstract, _ = create_state(classifier, tx, data_config, saved.get("seed", 0), mesh,
+                                 sharding.logical_rules(config.mesh), materialize=False)
+      state = checkpointer.restore(abstract, step=step)
+  finally:
+    checkpointer.close()
+  use_ema = config.sample.get("classifier_use_ema", True)
+  logger.info("classifier guidance: %s step %d (%s params), scale %g", path, step,
+              "EMA" if use_ema else "raw", scale)
+  return classifier, (state.ema_params if use_ema else state.params)
+
+
+def restore_for_inference(config, workdir: str, mode: str):
+  """Validates `config` against `workdir` and restores its latest checkpoint for an
+  inference mode ("sample", "bpd"). Returns (model, process, mesh, params, step);
+  `params` are the EMA weights when `sample.use_ema`. Fails with a UserError, before
+  anything is written, when the workdir is missing / unwritable / has no checkpoint or
+  was trained with an incompatible config."""
   from ldm_jax import run_config
   from ldm_jax.diffusion import build_process
   from ldm_jax.models import build_model
@@ -97,32 +196,44 @@ def sample_from_workdir(config, workdir: str) -> str:
 
   run_config.validate(config)
   workdir = run_config.prepare_workdir(workdir, create=False)
-  check(os.path.isdir(workdir), f"--workdir {workdir!r} does not exist: nothing to sample from "
-                                f"(train first with --mode=train)")
+  check(os.path.isdir(workdir), f"--workdir {workdir!r} does not exist: nothing to {mode} "
+                                f"from (train first with --mode=train)")
   check(os.access(workdir, os.W_OK | os.X_OK),
-        f"--workdir {workdir!r} is not writable: samples could not be saved there")
+        f"--workdir {workdir!r} is not writable: results could not be saved there")
   checkpointer = Checkpointer(workdir, read_only=True)
-  step = checkpointer.latest_step()
-  check(step is not None, f"--mode=sample: no checkpoint in {checkpointer.directory}; "
-                          f"train first with --mode=train --workdir={workdir}")
-  saved = run_config.read_saved_config(workdir) or checkpointer.restore_config()
-  run_config.check_compatible(saved, config, workdir)
+  try:
+    step = checkpointer.latest_step()
+    check(step is not None, f"--mode={mode}: no checkpoint in {checkpointer.directory}; "
+                            f"train first with --mode=train --workdir={workdir}")
+    saved = run_config.read_saved_config(workdir) or checkpointer.restore_config()
+    run_config.check_compatible(saved, config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    model = build_model(config.model, input_size=config.data.image_size,
+                        in_channels=config.data.channels, num_classes=config.data.num_classes)
+    process = build_process(config.diffusion, config.data.image_size)
+    if mode == "sample":
+      check_sample_config(process, config.sample)
+    tx = make_optimizer(config.optim, config.num_train_steps)
+    with jax.set_mesh(mesh):
+      abstract, _ = create_state(model, tx, config.data, config.seed, mesh,
+                                 sharding.logical_rules(config.mesh), materialize=False)
+      state = checkpointer.restore(abstract, step=step)
+  finally:
+    checkpointer.close()
+  params = state.ema_params if config.sample.use_ema else state.params
+  return model, process, mesh, params, step
 
-  mesh = sharding.make_mesh(config.mesh)
-  model = build_model(config.model, input_size=config.data.image_size,
-                      in_channels=config.data.channels, num_classes=config.data.num_classes)
-  process = build_process(config.diffusion)
-  check_sample_config(process, config.sample)
-  tx = make_optimizer(config.optim, config.num_train_steps)
+
+def sample_from_workdir(config, workdir: str) -> str:
+  """`--mode=sample`: restores the latest checkpoint of `workdir`, generates
+  `config.sample.num` images and writes them to a new directory; returns its path."""
+  model, process, mesh, params, step = restore_for_inference(config, workdir, "sample")
+  classifier, classifier_params = load_classifier(config, process, mesh)
   with jax.set_mesh(mesh):
-    abstract, _ = create_state(model, tx, config.data, config.seed, mesh,
-                               sharding.logical_rules(config.mesh), materialize=False)
-    state = checkpointer.restore(abstract, step=step)
-    params = state.ema_params if config.sample.use_ema else state.params
     labels = sample_labels(config.sample.num, config.data.num_classes, config.sample.labels)
-    sample_fn = make_sample_fn(model, process, config.data, config.sample)
+    sample_fn = make_sample_fn(model, process, config.data, config.sample, classifier)
     images = generate(sample_fn, params, labels, config.sample.batch_size,
-                      jax.random.key(config.sample.seed))
+                      jax.random.key(config.sample.seed), classifier_params)
   out_dir = unique_dir(os.path.join(workdir, "samples", output_name(step, config.sample)))
   write_outputs(out_dir, images, labels, columns=min(config.data.num_classes, 16))
   logger.info("wrote %d samples to %s", len(images), out_dir)
@@ -130,5 +241,4 @@ def sample_from_workdir(config, workdir: str) -> str:
     from ldm_jax.evaluation.mnist_judge import judge_samples
     report = judge_samples(images, labels, out_dir)
     logger.info("judge: %s", report)
-  checkpointer.close()
   return out_dir

@@ -4,11 +4,13 @@ Every model / process / data source is reached through the config; nothing here
 knows which. Sections follow the data path in ARCHITECTURE.md.
 """
 
+import json
 import logging
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 from PIL import Image
@@ -24,7 +26,7 @@ from ldm_jax.training import sharding
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.metrics import MetricWriter, Progress, image_grid
 from ldm_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from ldm_jax.training.step import make_train_step
+from ldm_jax.training.step import make_train_step, to_model_range
 from ldm_jax.training.train_state import create_state
 
 logger = logging.getLogger("ldm_jax")
@@ -51,6 +53,52 @@ def log_sample_grid(sample_fn, params, config, step, writer, workdir):
         os.path.join(workdir, "grids", f"step_{step:07d}.png"))
 
 
+def classifier_accuracy(model, process, params, images_uint8, labels, times, seed: int = 0,
+                        batch_size: int = 500) -> dict:
+  """Accuracy of a noisy classifier on real images noised to each process time in
+  `times` (one fixed noise draw per time); returns {time: accuracy}."""
+  dtype = jax.eval_shape(lambda k: process.sample_time(k, 1), jax.random.key(0)).dtype
+
+  @jax.jit
+  def correct(params, x0_uint8, y, t, key):
+    x0 = to_model_range(x0_uint8)
+    t = jnp.full((x0.shape[0],), t, dtype)
+    x_t = process.add_noise(x0, jax.random.normal(key, x0.shape, x0.dtype), t)
+    logits = model.apply({"params": params}, x_t, process.model_time(t))
+    return (jnp.argmax(logits, -1) == y).sum()
+
+  out = {}
+  for t in times:
+    hits = 0
+    for start in range(0, len(labels), batch_size):
+      key = jax.random.fold_in(jax.random.key(seed), start)
+      hits += int(correct(params, images_uint8[start:start + batch_size],
+                          labels[start:start + batch_size], t, key))
+    out[t] = hits / len(labels)
+  return out
+
+
+def log_classifier_eval(model, process, params, config, step, writer, workdir):
+  """For task=classify (instead of sample grids): EMA-classifier accuracy on the
+  held-out split at the noise levels `config.eval.classifier_timesteps`; TensorBoard
+  scalars `eval/accuracy_t{t}` and `classifier_eval.json` in the workdir."""
+  if config.data.source != "mnist":
+    logger.info("task=classify: no held-out split for data.source=%r; skipping the "
+                "accuracy-vs-noise evaluation", config.data.source)
+    return
+  from ldm_jax.data.builtin import load_mnist
+  images, labels = load_mnist("heldout")
+  times = tuple(config.eval.get("classifier_timesteps", (0,)))
+  accuracy = classifier_accuracy(model, process, params, images, labels, times, config.seed)
+  writer.scalars(step, {f"eval/accuracy_t{t}": a for t, a in accuracy.items()})
+  logger.info("held-out accuracy of the EMA classifier at step %d by timestep: %s", step,
+              ", ".join(f"t={t}: {100 * a:.1f} %" for t, a in accuracy.items()))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "classifier_eval.json"), "w") as f:
+      json.dump({"step": step, "heldout_accuracy_by_timestep":
+                 {str(t): a for t, a in accuracy.items()}}, f, indent=2)
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if present.
 
@@ -58,10 +106,12 @@ def train_and_evaluate(config, workdir: str):
   """
   # -- 1. config (all of it checked before anything is written) and workdir ----
   run_config.validate(config)
+  task = run_config.task_of(config)
   model = build_model(config.model, input_size=config.data.image_size,
                       in_channels=config.data.channels, num_classes=config.data.num_classes)
-  process = build_process(config.diffusion)
-  check_sample_config(process, config.sample)  # fail now, not after hours of training
+  process = build_process(config.diffusion, config.data.image_size)
+  if task == "denoise":
+    check_sample_config(process, config.sample)  # fail now, not after hours of training
   tx = make_optimizer(config.optim, config.num_train_steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
@@ -88,17 +138,25 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
       f.write(parameter_overview.get_parameter_overview(state.params, include_stats=False))
-  logger.info("model %s/%s: %s parameters; process %s; starting at step %d of %d",
-              config.model.name, config.model.variant, f"{count_params(state.params):,}",
+  logger.info("task %s, model %s/%s: %s parameters; process %s; starting at step %d of %d",
+              task, config.model.name, config.model.variant, f"{count_params(state.params):,}",
               config.diffusion.process, start_step, config.num_train_steps)
 
   # -- 4. the jitted step and sampler -----------------------------------------
   train_step = jax.jit(make_train_step(
       model, process, tx, config.optim.ema_decay, config.optim.ema_warmup,
-      learning_rate_schedule(config.optim, config.num_train_steps)),
+      learning_rate_schedule(config.optim, config.num_train_steps), task=task),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)
-  sample_fn = make_sample_fn(model, process, config.data, config.sample)
+  if task == "denoise":
+    sample_fn = make_sample_fn(model, process, config.data, config.sample)
+
+    def evaluate(state, step):
+      log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
+  else:  # a classifier has nothing to sample: its held-out accuracy instead
+
+    def evaluate(state, step):
+      log_classifier_eval(model, process, state.ema_params, config, step, writer, workdir)
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), jax.process_index() == 0)
 
   # -- 5. the loop --------------------------------------------------------------
@@ -128,9 +186,9 @@ def train_and_evaluate(config, workdir: str):
           checkpointer.save(step, state, data_iter, run_config.config_to_dict(config), force=True)
         if (config.eval.every_steps and step % config.eval.every_steps == 0
             and step < config.num_train_steps):
-          log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
+          evaluate(state, step)
       if step == config.num_train_steps and step > start_step:
-        log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
+        evaluate(state, step)
     logger.info("trained %d steps in %.1f s", step - start_step, time.time() - started)
   finally:  # also on errors: finish in-flight checkpoint writes, flush events
     checkpointer.close()

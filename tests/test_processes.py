@@ -63,7 +63,7 @@ def test_build_process():
   with pytest.raises(UserError):
     gaussian("linear", "score")
   with pytest.raises(UserError):
-    RectifiedFlow(time_sampling="cosmap")
+    RectifiedFlow(time_sampling="lognormal")
   with pytest.raises(UserError):
     RectifiedFlow(shift=0.0)
 
@@ -366,3 +366,157 @@ def test_guidance_without_extra_channels_under_jit():
   out = jax.jit(model_fn)(x, t)
   cond, uncond = apply_fn(x, t, labels), apply_fn(x, t, jnp.zeros_like(labels))
   np.testing.assert_allclose(out, uncond + 2.5 * (cond - uncond), rtol=1e-5, atol=1e-6)
+
+
+# -- schedules, conversions, weightings (diffusion core) -----------------------------
+@pytest.mark.parametrize("schedule,diffusers_name", [
+    ("sigmoid", "sigmoid"), ("laplace", "laplace"), ("cosine", "squaredcos_cap_v2")])
+def test_more_beta_schedules_match_diffusers(schedule, diffusers_name):
+  from ldm_jax.diffusion import schedules
+  ours = schedules.make_betas(schedule, T, 1e-4, 0.02)
+  theirs = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=diffusers_name,
+                                   beta_start=1e-4, beta_end=0.02).betas.numpy()
+  # sigmoid: torch's float32 sigmoid is not correctly rounded; ours is (1 ulp apart).
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6 if schedule == "sigmoid" else 0, atol=0)
+  exp_betas = diffusers.HeunDiscreteScheduler(beta_schedule="exp").betas.numpy()
+  np.testing.assert_array_equal(schedules.make_betas("exp", 1000), exp_betas)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_zero_terminal_snr_matches_diffusers(schedule):
+  from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+  from ldm_jax.diffusion import schedules
+  beta_start, beta_end = BETA_RANGE[schedule]
+  betas = schedules.make_betas(schedule, T, beta_start, beta_end)
+  ours = schedules.rescale_zero_terminal_snr(betas)
+  theirs = rescale_zero_terminal_snr(torch.tensor(betas)).numpy()
+  # torch's float32 sqrt is off by one ulp on ~1 % of inputs (numpy's is correctly
+  # rounded): measured ≤ 3.6e-7 absolute on β.
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=5e-7)
+  process = build_process(ml_collections.ConfigDict(dict(
+      process="gaussian", beta_schedule=schedule, num_timesteps=T, beta_start=beta_start,
+      beta_end=beta_end, prediction="v", rescale_zero_snr=True)))
+  assert process.zero_terminal_snr and process.alphas_cumprod[-1] == 0.0
+  np.testing.assert_allclose(process.alphas_cumprod[0], 1 - betas[0], rtol=1e-6)
+  # At zero SNR x_T is pure noise and the v target is -x0.
+  x0, noise = x0_and_noise(1)
+  t = jnp.full((SHAPE[0],), T - 1)
+  np.testing.assert_array_equal(process.add_noise(x0, noise, t), noise)
+  np.testing.assert_array_equal(process.target(x0, noise, t), -x0)
+
+
+@pytest.mark.parametrize("source", ["epsilon", "v", "x0"])
+def test_every_target_converts_to_every_other(source):
+  process = gaussian("cosine", source)
+  x0, noise = x0_and_noise(2)
+  # Away from the ends, where x0 from ε (÷ sqrt(ᾱ) → 0 at T) or ε from x0 (÷ sqrt(1-ᾱ)
+  # → 0 at 0) is ill-conditioned; those ends are covered by the inversion tests above.
+  t = jnp.asarray([50, 300, 600, 900])
+  x_t = process.add_noise(x0, noise, t)
+  x0_hat, eps_hat = process.predict_x0_eps(process.target(x0, noise, t), x_t, t)
+  for other in ("epsilon", "v", "x0"):
+    converted = process.prediction_from_x0_eps(x0_hat, eps_hat, t, prediction=other)
+    expected = gaussian("cosine", other).target(x0, noise, t)
+    err = rel_err(converted, expected)
+    assert err <= 1e-5, (source, other, err)
+
+
+@pytest.mark.parametrize("weighting", ["snr", "min_snr"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_loss_weightings_are_stated_on_the_x0_error(weighting, prediction):
+  """Whatever the target, the weighted loss equals w(SNR)·mean|x0 - x̂0|² with
+  w = SNR ("snr") or min(SNR, γ) ("min_snr"), x̂0 converted from the model output."""
+  beta_start, beta_end = BETA_RANGE["linear"]
+  process = build_process(ml_collections.ConfigDict(dict(
+      process="gaussian", beta_schedule="linear", num_timesteps=T, beta_start=beta_start,
+      beta_end=beta_end, prediction=prediction, loss_weighting=weighting, snr_gamma=5.0)))
+  x0, _ = x0_and_noise(3, (64, 4, 4, 2))  # 64 times: ~9 % of them have SNR > γ = 5
+  seen = {}
+
+  def model_fn(x_t, model_time):
+    seen["x_t"], seen["t"] = x_t, model_time.astype(jnp.int32)
+    return 0.3 * x_t + 0.1
+
+  loss, _ = process.loss(model_fn, x0, jax.random.PRNGKey(5))
+  x_t, t = seen["x_t"], seen["t"]
+  x0_hat, _ = process.predict_x0_eps(0.3 * x_t + 0.1, x_t, t)
+  snr = np.asarray(process.snr(t), np.float64)
+  w = snr if weighting == "snr" else np.minimum(snr, 5.0)
+  expected = w * np.asarray(mean_flat((x0_hat - x0) ** 2), np.float64)
+  assert snr.min() < 5.0 < snr.max()  # both sides of γ are exercised
+  np.testing.assert_allclose(loss, expected, rtol=2e-3)  # x̂0 from ε divides by sqrt(ᾱ)
+
+
+def test_min_snr_is_finite_at_zero_terminal_snr():
+  process = GaussianDiffusion(betas=__import__("ldm_jax.diffusion.schedules", fromlist=["x"])
+                              .rescale_zero_terminal_snr(
+                                  __import__("ldm_jax.diffusion.schedules", fromlist=["x"])
+                                  .make_betas("linear", 100)),
+                              prediction="epsilon", loss_weighting="min_snr",
+                              zero_terminal_snr=True)
+  weight = process._target_weight(jnp.asarray([99, 0]), jnp.zeros((2, 1)))
+  np.testing.assert_allclose(np.asarray(weight).ravel(), [1.0, 5.0 / float(process.snr(0))],
+                             rtol=1e-6)
+
+
+# -- rectified-flow time densities and the resolution shift (SD3) ----------------------
+def test_mode_and_cosmap_times_follow_their_maps():
+  n = 200_000
+  key = jax.random.PRNGKey(2)
+  u = np.asarray(jax.random.uniform(key, (n,)), np.float64)
+  for scale in (-1.0, 0.0, 1.29):
+    flow = RectifiedFlow(time_sampling="mode", mode_scale=scale)
+    t = np.asarray(flow.sample_time(key, n), np.float64)
+    expected = 1 - u - scale * (np.cos(np.pi / 2 * u) ** 2 - 1 + u)
+    np.testing.assert_allclose(t, expected, atol=2e-6)
+    assert t.min() >= 0 and t.max() <= 1
+  # s = 0 is uniform; s > 0 puts more mass at mid times (SD3 Fig. 11).
+  t_heavy = np.asarray(RectifiedFlow(time_sampling="mode", mode_scale=1.29).sample_time(key, n))
+  mid = lambda t: np.mean(np.abs(t - 0.5) < 0.1)
+  assert mid(t_heavy) > mid(u) + 0.05
+  # CosMap: the density π(t) = 2 / (π - 2πt + 2πt²) (SD3 eq. 21): compare the CDF.
+  t_cos = np.sort(np.asarray(RectifiedFlow(time_sampling="cosmap").sample_time(key, n),
+                             np.float64))
+  grid = np.linspace(0.01, 0.99, 99)
+  density = lambda x: 2 / (np.pi - 2 * np.pi * x + 2 * np.pi * x * x)
+  fine = np.linspace(0, 1, 200_001)
+  cdf = np.interp(grid, fine, np.concatenate([[0], np.cumsum(density(fine[1:]) * np.diff(fine))]))
+  empirical = np.searchsorted(t_cos, grid) / n
+  assert np.abs(empirical - cdf).max() < 4 / np.sqrt(n) + 1e-3
+
+
+def test_resolution_dependent_shift():
+  from ldm_jax.diffusion.flow import resolution_shift
+  cfg = lambda **kw: ml_collections.ConfigDict(dict(process="flow", **kw))
+  # α = sqrt(m / n) for pixel counts m, n: 1024² against 256² gives 4.
+  assert resolution_shift(cfg(shift_base_resolution=256), 1024) == 4.0
+  assert build_process(cfg(shift_base_resolution=32), 64).shift == 2.0
+  table = ((256, 1.0), (512, 1.7), (1024, 3.0))
+  assert build_process(cfg(shift_by_resolution=table, shift=9.0), 512).shift == 1.7
+  assert build_process(cfg(shift=3.0), 512).shift == 3.0
+  with pytest.raises(UserError, match="no entry in diffusion.shift_by_resolution"):
+    build_process(cfg(shift_by_resolution=table), 384)
+  with pytest.raises(UserError, match="need the image size"):
+    build_process(cfg(shift_base_resolution=256))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(process="flow", prediction="v"), "does not apply to rectified flow"),
+    (dict(process="flow", prediction="epsilon"), "does not apply to rectified flow"),
+    (dict(process="flow", variance_type="learned_range"), "is for the gaussian process"),
+    (dict(process="flow", loss_weighting="min_snr"), "is for the gaussian process"),
+    (dict(process="flow", time_sampling="lognormal"), "unknown diffusion.time_sampling"),
+    (dict(process="flow", time_sampling="mode", mode_scale=2.0), "not monotone"),
+    (dict(process="gaussian", beta_schedule="linear", num_timesteps=10, shift=3.0),
+     "are for rectified flow"),
+    (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
+          prediction="velocity"), "unknown diffusion.prediction"),
+    (dict(process="gaussian", beta_schedule="quadratic", num_timesteps=10), "unknown beta"),
+    (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
+          variance_type="learned_large"), "unknown diffusion.variance_type"),
+    (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
+          loss_weighting="p2"), "unknown diffusion.loss_weighting"),
+])
+def test_bad_process_options_fail_clearly(bad, match):
+  with pytest.raises(UserError, match=match):
+    build_process(ml_collections.ConfigDict(bad), 28)

@@ -2,12 +2,19 @@
 
 Straight path x_t = (1 - t)·x0 + t·ε, t ∈ [0, 1] (t = 1 is pure noise, the
 diffusers / SD3 convention σ = t); the denoiser predicts the velocity
-v = dx_t/dt = ε - x0. Training times: uniform, or logit-normal (SD3 §3.1,
-t = sigmoid(m + s·u), u ~ N(0, 1)), optionally shifted for resolution
-(SD3 §5.3.2: t' = shift·t / (1 + (shift - 1)·t)).
+v = dx_t/dt = ε - x0. Training-time densities (SD3 §3.1):
+  uniform        t ~ U(0, 1)
+  logit_normal   t = sigmoid(m + s·n), n ~ N(0, 1)                       (eq. 19)
+  mode           t = 1 - u - s·(cos²(π/2·u) - 1 + u), u ~ U(0, 1)     (eq. 20, "mode
+                 sampling with heavy tails"; s ∈ [-1, 2/(π-2)] keeps it monotone)
+  cosmap         t = 1 - 1/(tan(π/2·u) + 1), u ~ U(0, 1)                 (eq. 21)
+then shifted for resolution, in training and in sampling alike (SD3 §5.3.2, eq. 23):
+t' = α·t / (1 + (α - 1)·t), α = sqrt(m/n) for m pixels against a base resolution of n
+(`resolution_shift`), or a fixed α (`shift`), or one per resolution from a table.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +22,33 @@ import jax.numpy as jnp
 from ldm_jax.diffusion.process import mean_flat
 from ldm_jax.errors import check
 
-TIME_SAMPLINGS = ("uniform", "logit_normal")
+TIME_SAMPLINGS = ("uniform", "logit_normal", "mode", "cosmap")
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 def shift_time(t, shift: float):
   """Resolution-dependent shift of times / sigmas (SD3 eq. 23)."""
   return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(config, image_size: int | None) -> float:
+  """The shift α for `image_size` from `config.diffusion`: an entry of
+  `shift_by_resolution` ((resolution, α), …) if one matches; else, with
+  `shift_base_resolution` = n > 0, α = sqrt(image_size² / n²) (SD3: α = sqrt(m/n) for
+  pixel counts m, n); else the fixed `shift`. Resolutions are the side length the
+  process sees (latent or pixel: only the ratio matters)."""
+  table = {int(r): float(a) for r, a in (config.get("shift_by_resolution") or ())}
+  base = int(config.get("shift_base_resolution", 0) or 0)
+  if table or base:
+    check(image_size is not None and image_size > 0,
+          "diffusion.shift_by_resolution / shift_base_resolution need the image size")
+  if image_size in table:
+    return table[image_size]
+  if base:
+    return math.sqrt(image_size * image_size / (base * base))
+  check(not table, f"image size {image_size} has no entry in diffusion.shift_by_resolution "
+        f"{sorted(table)}; add one or set diffusion.shift_base_resolution")
+  return float(config.get("shift", 1.0))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -29,6 +57,7 @@ class RectifiedFlow:
   time_sampling: str = "logit_normal"
   logit_mean: float = 0.0
   logit_std: float = 1.0
+  mode_scale: float = 1.29
   shift: float = 1.0
   num_train_timesteps: int = 1000  # model time = t * this, as SD3 / diffusers
 
@@ -36,21 +65,47 @@ class RectifiedFlow:
     check(self.time_sampling in TIME_SAMPLINGS,
           f"unknown diffusion.time_sampling {self.time_sampling!r}; valid: {list(TIME_SAMPLINGS)}")
     check(self.shift > 0, f"diffusion.shift must be > 0, got {self.shift}")
+    check(self.logit_std > 0, f"diffusion.logit_std must be > 0, got {self.logit_std}")
+    lo, hi = MODE_SCALE_RANGE
+    check(lo <= self.mode_scale <= hi,
+          f"diffusion.mode_scale={self.mode_scale} must be in [{lo}, {hi:.4f}] "
+          f"(outside it the mode-sampling map is not monotone)")
 
   @classmethod
-  def from_config(cls, config):
+  def from_config(cls, config, image_size: int | None = None):
+    """From `config.diffusion`; `image_size` resolves a resolution-dependent shift."""
+    prediction = config.get("prediction", "") or "velocity"
+    check(prediction == "velocity",
+          f"diffusion.prediction={prediction!r} does not apply to rectified flow, whose model "
+          f"predicts the velocity ε - x0; valid: 'velocity' or '' (epsilon | v | x0 are for "
+          f"diffusion.process='gaussian')")
+    for key, default in (("variance_type", "fixed_small"), ("loss_weighting", "simple"),
+                         ("rescale_zero_snr", False)):
+      value = config.get(key, default)
+      check(value in (default, ""), f"diffusion.{key}={value!r} is for the gaussian process; "
+            f"rectified flow trains the velocity with a plain MSE (leave it at {default!r})")
     return cls(time_sampling=config.get("time_sampling", "logit_normal"),
                logit_mean=config.get("logit_mean", 0.0), logit_std=config.get("logit_std", 1.0),
-               shift=config.get("shift", 1.0),
+               mode_scale=config.get("mode_scale", 1.29),
+               shift=resolution_shift(config, image_size),
                num_train_timesteps=config.get("num_timesteps", 1000))
 
   # -- the process interface -------------------------------------------------
   def sample_time(self, rng, batch: int) -> jax.Array:
-    if self.time_sampling == "uniform":
-      t = jax.random.uniform(rng, (batch,))
-    else:
+    if self.time_sampling == "logit_normal":
       t = jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.random.normal(rng, (batch,)))
+    else:
+      u = jax.random.uniform(rng, (batch,))
+      t = self.time_from_uniform(u)
     return shift_time(t, self.shift)
+
+  def time_from_uniform(self, u):
+    """The (unshifted) time for u ~ U(0, 1) under the uniform, mode or cosmap density."""
+    if self.time_sampling == "mode":
+      return 1.0 - u - self.mode_scale * (jnp.cos(jnp.pi / 2 * u) ** 2 - 1.0 + u)
+    if self.time_sampling == "cosmap":
+      return 1.0 - 1.0 / (jnp.tan(jnp.pi / 2 * u) + 1.0)
+    return u
 
   def model_time(self, t: jax.Array) -> jax.Array:
     return t * self.num_train_timesteps

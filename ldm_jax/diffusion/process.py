@@ -13,14 +13,17 @@ Samplers live in `samplers.py` and take a process and a model_fn.
 from ldm_jax.errors import check
 
 
-def build_process(diffusion_config):
-  """Returns a `GaussianDiffusion` or `RectifiedFlow` from `config.diffusion`."""
+def build_process(diffusion_config, image_size: int | None = None):
+  """Returns a `GaussianDiffusion` or `RectifiedFlow` from `config.diffusion`
+  (`image_size` resolves rectified flow's resolution-dependent shift)."""
   from ldm_jax.diffusion.flow import RectifiedFlow
   from ldm_jax.diffusion.gaussian import GaussianDiffusion
   kinds = {"gaussian": GaussianDiffusion.from_config, "flow": RectifiedFlow.from_config}
   check(diffusion_config.process in kinds,
         f"unknown diffusion.process {diffusion_config.process!r}; valid: {sorted(kinds)}")
-  return kinds[diffusion_config.process](diffusion_config)
+  if diffusion_config.process == "flow":
+    return RectifiedFlow.from_config(diffusion_config, image_size)
+  return GaussianDiffusion.from_config(diffusion_config)
 
 
 def mean_flat(x):

@@ -13,7 +13,13 @@ from ldm_jax.errors import check
 MODEL_FILES = {
     "dit": "ldm_jax.models.dit",
     "compact_unet": "ldm_jax.models.compact_unet",
+    "noisy_classifier": "ldm_jax.models.noisy_classifier",
 }
+# Models that take class labels as conditioning (the denoisers); `model.class_conditional
+# = False` builds them unconditional.
+CONDITIONAL_MODELS = ("dit", "compact_unet")
+# Models trained with `config.task = "classify"` (classifier guidance).
+CLASSIFIER_MODELS = ("noisy_classifier",)
 
 
 def model_module(name: str):
@@ -22,8 +28,26 @@ def model_module(name: str):
 
 
 def build_model(model_config, **overrides):
-  """Returns the Flax module described by `model_config` (a ConfigDict)."""
+  """Returns the Flax module described by `model_config` (a ConfigDict).
+
+  A denoiser with `model_config.class_conditional = False` is built unconditional:
+  no class rows (num_classes 0), only the learned "null" embedding, which every
+  example gets (class dropout 1; `is_unconditional` tells callers to pass null labels).
+  """
+  if model_config.name in CONDITIONAL_MODELS and not model_config.get("class_conditional", True):
+    overrides = dict(overrides, num_classes=0, class_dropout_prob=1.0)
   return model_module(model_config.name).build(model_config, **overrides)
+
+
+def is_unconditional(model) -> bool:
+  """True for a denoiser built without classes (see `build_model`)."""
+  return getattr(model, "num_classes", None) == 0
+
+
+def model_labels(model, labels):
+  """The labels a model is called with: the null class for an unconditional one."""
+  import jax.numpy as jnp
+  return jnp.full_like(labels, model.null_class) if is_unconditional(model) else labels
 
 
 def count_params(params) -> int:
