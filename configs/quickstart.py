@@ -158,6 +158,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sample.guidance_scale = 1.5
   sample.guidance_rescale = 0.0  # φ of Lin et al. 2024 (0 = off)
   sample.guidance_interval = ()  # (lo, hi) in model-time units: guide only there
+  # Channels guided: 0 = all of the prediction's (diffusers' DiTPipeline); the official
+  # DiT code guides only the first 3 of its 4 latent channels (set 3 to reproduce it).
+  sample.guided_channels = 0
+  # Classifier guidance (ADM; gaussian ddpm / ddim): a task=classify run trained on the
+  # same process (configs/classifier_guidance.py:classifier), and its scale s.
+  sample.classifier_workdir = ""
+  sample.classifier_scale = 1.0
+  sample.classifier_use_ema = True
   sample.respacing = ""        # ddpm / ddim: guided-diffusion respacing ("250", "ddim25")
   # The sampler's options, diffusers' scheduler option names (DDPMScheduler,
   # DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
@@ -178,6 +186,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The default's model, data, optimizer and steps with DDPM's process instead:
     # ε-prediction, linear β, T = 1000 (the rectified-flow vs ε comparison of BUILD_NOTES).
     diffusion.process = "gaussian"
+    sample.sampler = "dpm_solver"  # DPM-Solver++ 2M, 20 steps (= the default's 20 evaluations)
   elif preset == "dit_sigma":
     # DiT with a learned variance trained with improved DDPM's hybrid loss
     # (L_simple + 0.001·L_vlb), as DiT / ADM train; sampled by DDPM on a respaced chain.
@@ -186,6 +195,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.learn_sigma = True
     diffusion.process = "gaussian"
     diffusion.variance_type = "learned_range"
+    sample.sampler = "ddpm"      # with the learned Σ (the process's variance type)
+    sample.respacing = "100"
     optim.learning_rate = 1e-3
     config.num_train_steps = 1250
   elif preset == "tiny":

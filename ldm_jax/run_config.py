@@ -61,6 +61,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_guided_sampler(config.diffusion.process, config.sample.sampler)
     scale = config.sample.get("classifier_scale", 0.0)
     check(scale >= 0, f"sample.classifier_scale must be >= 0, got {scale}")
+  guided = int(config.sample.get("guided_channels", 0))
+  check(0 <= guided <= config.data.channels,
+        f"sample.guided_channels={guided} must be in [0, {config.data.channels}] "
+        f"(0 = all {config.data.channels} prediction channels)")
   variance = config.diffusion.get("variance_type", "fixed_small")
   if config.diffusion.process == "gaussian" and variance in ("learned", "learned_range"):
     check(config.model.get("learn_sigma", False),

@@ -44,7 +44,8 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None):
     def apply_fn(x, t, y):
       return model.apply({"params": params}, x, t, model_labels(model, y))
     model_fn = guided_model_fn(apply_fn, labels, model.null_class,
-                               float(sample_config.guidance_scale), data_config.channels,
+                               float(sample_config.guidance_scale),
+                               int(sample_config.get("guided_channels", 0)) or data_config.channels,
                                rescale=float(sample_config.get("guidance_rescale", 0.0)),
                                interval=tuple(sample_config.get("guidance_interval", ())))
     cond_fn = None
@@ -195,6 +196,10 @@ def restore_for_inference(config, workdir: str, mode: str):
   from ldm_jax.training.train_state import create_state
 
   run_config.validate(config)
+  check(run_config.task_of(config) == "denoise",
+        f"--mode={mode} needs a denoiser run (task='denoise'); this config has "
+        f"task={run_config.task_of(config)!r} (a noisy classifier is used through "
+        f"sample.classifier_workdir of a denoiser run)")
   workdir = run_config.prepare_workdir(workdir, create=False)
   check(os.path.isdir(workdir), f"--workdir {workdir!r} does not exist: nothing to {mode} "
                                 f"from (train first with --mode=train)")

@@ -13,7 +13,7 @@ import pytest
 
 from ldm_jax.diffusion.classifier_guidance import make_cond_fn
 from ldm_jax.diffusion.guidance import guided_model_fn, rescale_guided
-from tests.helpers import REPO, read_events, run_cli
+from tests.helpers import REPO, read_events, run_cli, tree_snapshot
 
 CONFIG = os.path.join(REPO, "configs", "classifier_guidance.py")
 
@@ -257,3 +257,15 @@ def test_saved_config_without_task_is_a_denoiser():
   del saved["task"]
   assert run_config.incompatible_keys(saved, config) == []
   assert run_config.incompatible_keys(saved, cg_config("tiny-classifier"))[0] == "task"  # first
+
+
+@pytest.mark.parametrize("mode", ["sample", "bpd"])
+def test_inference_modes_refuse_a_classifier_run(runs, mode):
+  _, classifier, _ = runs
+  before = tree_snapshot(classifier)
+  result = run_cli(f"--config={CONFIG}:tiny-classifier", f"--workdir={classifier}",
+                   f"--mode={mode}", "--config.eval.bpd_batch_size=28")
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+  assert f"--mode={mode} needs a denoiser run" in errors[0]
+  assert tree_snapshot(classifier) == before

@@ -448,15 +448,19 @@ def test_loss_weightings_are_stated_on_the_x0_error(weighting, prediction):
 
 
 def test_min_snr_is_finite_at_zero_terminal_snr():
-  process = GaussianDiffusion(betas=__import__("ldm_jax.diffusion.schedules", fromlist=["x"])
-                              .rescale_zero_terminal_snr(
-                                  __import__("ldm_jax.diffusion.schedules", fromlist=["x"])
-                                  .make_betas("linear", 100)),
-                              prediction="epsilon", loss_weighting="min_snr",
-                              zero_terminal_snr=True)
-  weight = process._target_weight(jnp.asarray([99, 0]), jnp.zeros((2, 1)))
-  np.testing.assert_allclose(np.asarray(weight).ravel(), [1.0, 5.0 / float(process.snr(0))],
-                             rtol=1e-6)
+  from ldm_jax.diffusion import schedules
+  betas = schedules.rescale_zero_terminal_snr(schedules.make_betas("linear", 100))
+  snr0 = None
+  for prediction, at_zero in (("v", 0.0), ("x0", 0.0)):
+    process = GaussianDiffusion(betas=betas, prediction=prediction, loss_weighting="min_snr",
+                                zero_terminal_snr=True)
+    snr0 = float(process.snr(0))
+    weight = np.asarray(process._target_weight(jnp.asarray([99, 0]), jnp.zeros((2, 1)))).ravel()
+    expected_0 = 5.0 / (snr0 + 1.0) if prediction == "v" else 5.0
+    np.testing.assert_allclose(weight, [at_zero, expected_0], rtol=1e-6)
+  assert snr0 > 5.0
+  # From a training config, ε-prediction at zero terminal SNR (x0 = (x_T - ε)/0) is
+  # refused (the bad_process_options case); diffusers configs may pair them (Euler clamps).
 
 
 # -- rectified-flow time densities and the resolution shift (SD3) ----------------------
@@ -512,6 +516,10 @@ def test_resolution_dependent_shift():
     (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
           prediction="velocity"), "unknown diffusion.prediction"),
     (dict(process="gaussian", beta_schedule="quadratic", num_timesteps=10), "unknown beta"),
+    (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
+          time_sampling="cosmap"), "is for rectified flow"),
+    (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
+          rescale_zero_snr=True), "prediction='v' or 'x0'"),
     (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,
           variance_type="learned_large"), "unknown diffusion.variance_type"),
     (dict(process="gaussian", beta_schedule="linear", num_timesteps=10,

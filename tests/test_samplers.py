@@ -745,3 +745,16 @@ def test_gaussian_timesteps_respace():
     samplers.gaussian_timesteps(1000, 1001, "leading")
   with pytest.raises(UserError):
     samplers.gaussian_timesteps(1000, 10, "karras")
+
+
+def test_config_path_checks_learned_ddpm_variances_before_training():
+  """A learned DDPM variance needs a process that trains one, and 'learned' (Σ, the
+  diffusers meaning) must not read a log-Σ head: both refused when the sampler is built,
+  i.e. by check_sample_config before training starts."""
+  fixed = gaussian_process("linear", "epsilon")
+  with pytest.raises(UserError, match="trains none"):
+    samplers.check_sample_config(fixed, _sample_config("ddpm", variance_type="learned_range"))
+  log_head = GaussianDiffusion(betas=fixed.betas, variance_type="learned")
+  with pytest.raises(UserError, match="use 'learned_log'"):
+    samplers.check_sample_config(log_head, _sample_config("ddpm", variance_type="learned"))
+  samplers.check_sample_config(log_head, _sample_config("ddpm"))  # default: learned_log

@@ -125,10 +125,23 @@ class GaussianDiffusion:
           f"diffusion.shift={config.get('shift')} / shift_base_resolution / "
           f"shift_by_resolution are for rectified flow (diffusion.process='flow'); the "
           f"gaussian process takes none of them (leave shift at 1.0)")
+    for key, default in (("time_sampling", "logit_normal"), ("logit_mean", 0.0),
+                         ("logit_std", 1.0), ("mode_scale", 1.29)):
+      value = config.get(key, default)
+      check(value == default or (key == "time_sampling" and value == "uniform"),
+            f"diffusion.{key}={value!r} is for rectified flow (diffusion.process='flow'); "
+            f"the gaussian process draws t uniformly from 0..T-1 (leave it at {default!r})")
     zero_snr = bool(config.get("rescale_zero_snr", False))
+    prediction = config.get("prediction", "") or "epsilon"
+    # (A diffusers scheduler config may pair them — its Euler clamps ᾱ_T to 2^-24 — and
+    # `from_diffusers_scheduler` builds that process directly; a training config may not.)
+    check(not (zero_snr and prediction == "epsilon"),
+          "diffusion.rescale_zero_snr=True with prediction='epsilon': at zero terminal SNR "
+          "x_T carries no signal and x0 = (x_T - ε)/sqrt(ᾱ_T) divides by 0 (Lin et al. "
+          "2024 pair it with v-prediction); use prediction='v' or 'x0'")
     if zero_snr:
       betas = schedules.rescale_zero_terminal_snr(betas)
-    return cls(betas=betas, prediction=config.get("prediction", "") or "epsilon",
+    return cls(betas=betas, prediction=prediction,
                variance_type=config.get("variance_type", "fixed_small"),
                loss_weighting=config.get("loss_weighting", "simple"),
                snr_gamma=config.get("snr_gamma", 5.0),
@@ -237,6 +250,9 @@ class GaussianDiffusion:
     `model_output` has the input's channels, or twice them when the variance is learned.
     """
     channels = x_t.shape[-1]
+    check(model_output.shape[:-1] == x_t.shape[:-1],
+          f"the model output {model_output.shape} does not match its input {x_t.shape} "
+          f"(a denoiser returns one output per pixel)")
     check(not self.learns_variance or model_output.shape[-1] == 2 * channels,
           f"diffusion.variance_type={self.variance_type!r} needs a model that outputs "
           f"{2 * channels} channels (prediction | variance), got {model_output.shape[-1]} "
@@ -305,6 +321,20 @@ class GaussianDiffusion:
     per_example = mse + self.vlb_weight * self.num_timesteps * vlb
     return per_example, {"loss": per_example.mean(), "mse": mse.mean(), "vlb": vlb.mean()}
 
+  def bits_per_dim_times(self, num_terms: int | None = None):
+    """The timesteps `bits_per_dim` evaluates and the weight of each (how many of the
+    T - 1 KL terms it stands for); fewer than `num_terms` when the geometric spacing
+    rounds several to the same integer near t = 1."""
+    total_t = self.num_timesteps
+    if num_terms is None or num_terms >= total_t:
+      return np.arange(total_t), np.ones(total_t)
+    check(num_terms >= 2, f"num_terms must be >= 2 (t = 0 and one KL term), got {num_terms}")
+    rest = np.unique(np.round(np.geomspace(1, total_t - 1, num_terms - 1)).astype(np.int64))
+    every = np.arange(1, total_t)
+    nearest = np.abs(np.log(every)[:, None] - np.log(rest)[None, :]).argmin(axis=1)
+    return (np.concatenate([[0], rest]),
+            np.concatenate([[1.0], np.bincount(nearest, minlength=len(rest))]))
+
   def bits_per_dim(self, model_fn, x0, rng, clip_x0: float | None = None,
                    num_terms: int | None = None):
     """The variational bound -log p(x0) ≤ Σ_{t≥1} KL_t + decoder NLL + prior, in bits per
@@ -316,16 +346,7 @@ class GaussianDiffusion:
       Riemann sum over k - 1 evenly spaced t (the KL terms vary smoothly in t).
     Returns (total (B,), {"vlb_t": (k, B) terms, "t": (k,), "prior": (B,)}).
     """
-    total_t = self.num_timesteps
-    if num_terms is None or num_terms >= total_t:
-      times, weights = np.arange(total_t), np.ones(total_t)
-    else:
-      check(num_terms >= 2, f"num_terms must be >= 2 (t = 0 and one KL term), got {num_terms}")
-      rest = np.unique(np.round(np.geomspace(1, total_t - 1, num_terms - 1)).astype(np.int64))
-      every = np.arange(1, total_t)
-      nearest = np.abs(np.log(every)[:, None] - np.log(rest)[None, :]).argmin(axis=1)
-      times = np.concatenate([[0], rest])
-      weights = np.concatenate([[1.0], np.bincount(nearest, minlength=len(rest))])
+    times, weights = self.bits_per_dim_times(num_terms)
 
     def scan_body(carry, inputs):
       t, weight = inputs

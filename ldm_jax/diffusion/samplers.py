@@ -657,6 +657,16 @@ def build_sampler(process, sample_config):
     # raw ε beside the clipped x0, which measured far worse on the ε quickstart (judge
     # accuracy 38.8 % vs 59.4 %, BUILD_NOTES). from_diffusers_scheduler keeps diffusers'.
     options.setdefault("use_clipped_model_output", True)
+  if ALIASES.get(name, name) == "ddpm" and not isinstance(process, RectifiedFlow):
+    chosen, trained = options.get("variance_type"), process.variance_type
+    check(chosen not in LEARNED_DDPM_VARIANCES or process.learns_variance,
+          f"sample.options.variance_type={chosen!r} reads a learned variance, but "
+          f"diffusion.variance_type={trained!r} trains none (the model has no variance "
+          f"output); valid here: fixed_small, fixed_large, fixed_small_log, fixed_large_log")
+    check(not (chosen == "learned" and trained == "learned"),
+          "sample.options.variance_type='learned' reads the extra channels as Σ (diffusers' "
+          "meaning), but diffusion.variance_type='learned' trains them as log Σ: use "
+          "'learned_log' (or leave the option unset)")
   custom = "respacing" in options or options.get("timesteps") is not None or (
       options.get("sigmas") is not None)
   return make(process, None if custom else int(sample_config.num_steps), **options)

@@ -38,6 +38,7 @@ def make_bpd_fn(model, process: GaussianDiffusion, num_terms: int | None):
                                         num_terms=num_terms)
     return total, terms["vlb_t"][0], terms["prior"]
 
+  bpd_fn.num_terms = len(process.bits_per_dim_times(num_terms)[0])
   return bpd_fn
 
 
@@ -77,8 +78,13 @@ def check_bpd_config(process, eval_config):
   check(isinstance(process, GaussianDiffusion),
         "--mode=bpd evaluates the variational bound of a gaussian process "
         "(diffusion.process='gaussian'); rectified flow has no such discrete-time bound")
+  check(not (process.zero_terminal_snr and process.prediction == "epsilon"),
+        "--mode=bpd: an ε-prediction process with zero terminal SNR has no finite bound "
+        "(x0 from ε divides by sqrt(ᾱ_T) = 0)")
   check(int(eval_config.get("bpd_num", 500)) >= 1,
         f"eval.bpd_num must be >= 1, got {eval_config.get('bpd_num')}")
+  check(int(eval_config.get("bpd_batch_size", 100)) >= 1,
+        f"eval.bpd_batch_size must be >= 1, got {eval_config.get('bpd_batch_size')}")
   terms = int(eval_config.get("bpd_num_terms", 0))
   check(terms == 0 or terms >= 2,
         f"eval.bpd_num_terms must be 0 (all T terms) or >= 2, got {terms}")
@@ -103,6 +109,7 @@ def bpd_from_workdir(config, workdir: str) -> str:
   labels = np.asarray([r["label"] for r in records], np.int32)
   with jax.set_mesh(mesh):
     bpd_fn = make_bpd_fn(model, process, num_terms)
+    used_terms = bpd_fn.num_terms
 
     def conditioned(params, images, labels, key):
       return bpd_fn(params, images, model_labels(model, labels), key)
@@ -110,8 +117,7 @@ def bpd_from_workdir(config, workdir: str) -> str:
     report = evaluate_bpd(conditioned, params, images, labels,
                           int(eval_config.get("bpd_batch_size", 100)),
                           jax.random.key(config.sample.seed))
-  report.update(step=int(step), split=split, num_terms=num_terms or
-                process.num_timesteps, use_ema=bool(config.sample.use_ema),
+  report.update(step=int(step), split=split, num_terms=used_terms, use_ema=bool(config.sample.use_ema),
                 variance_type=process.variance_type)
   out_dir = unique_dir(os.path.join(os.path.abspath(workdir), "likelihood", f"bpd-{step}"))
   path = write_report(out_dir, report)
