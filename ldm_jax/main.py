@@ -108,6 +108,33 @@ def _load_config():
   return config
 
 
+def _initialize_distributed(jax):
+  """Multi-process runs (launch/: local, SLURM) name the coordinator through
+  LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES, LDM_JAX_PROCESS_ID (and optionally
+  LDM_JAX_LOCAL_DEVICE_IDS); on TPU VMs LDM_JAX_DISTRIBUTED=auto (launch/tpu) lets JAX
+  find the workers itself. Nothing set: one process."""
+  env = os.environ
+  if env.get("LDM_JAX_DISTRIBUTED") == "auto":  # TPU VMs: the workers find each other
+    jax.distributed.initialize()
+    return
+  if not env.get("LDM_JAX_COORDINATOR"):
+    return
+  try:
+    num, pid = int(env["LDM_JAX_NUM_PROCESSES"]), int(env["LDM_JAX_PROCESS_ID"])
+  except (KeyError, ValueError) as e:
+    raise UserError("LDM_JAX_COORDINATOR is set, so LDM_JAX_NUM_PROCESSES and "
+                    "LDM_JAX_PROCESS_ID must be integers too (see launch/README.md)") from e
+  if not 0 <= pid < num:
+    raise UserError(f"LDM_JAX_PROCESS_ID={pid} must be in [0, {num}) "
+                    f"(LDM_JAX_NUM_PROCESSES={num})")
+  local = env.get("LDM_JAX_LOCAL_DEVICE_IDS")
+  # Collectives between CPU processes (the localhost tests and CPU clusters); GPU and
+  # TPU backends bring their own.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(env["LDM_JAX_COORDINATOR"], num_processes=num, process_id=pid,
+                             local_device_ids=[int(i) for i in local.split(",")] if local else None)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -120,6 +147,7 @@ def main(argv):
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=runs/quickstart")
     import jax
+    _initialize_distributed(jax)
     if _CACHE.value:
       jax.config.update("jax_compilation_cache_dir", _CACHE.value)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
