@@ -129,8 +129,11 @@ def _initialize_distributed(jax):
                     f"(LDM_JAX_NUM_PROCESSES={num})")
   local = env.get("LDM_JAX_LOCAL_DEVICE_IDS")
   # Collectives between CPU processes (the localhost tests and CPU clusters); GPU and
-  # TPU backends bring their own.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # TPU backends bring their own. (Newer JAX uses gloo by default and may drop the flag.)
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, KeyError, ValueError):
+    pass
   jax.distributed.initialize(env["LDM_JAX_COORDINATOR"], num_processes=num, process_id=pid,
                              local_device_ids=[int(i) for i in local.split(",")] if local else None)
 
