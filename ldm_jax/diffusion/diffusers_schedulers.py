@@ -184,12 +184,17 @@ def _dpm_flow_process(cfg: dict) -> RectifiedFlow:
         f"use_flow_sigmas={cfg.get('use_flow_sigmas', False)!r} is not supported: flow "
         "matching needs prediction_type='flow_prediction' and use_flow_sigmas=True, "
         f"diffusion prediction_type in {list(PREDICTION_TYPES)} and use_flow_sigmas=False")
+  return _flow_process(name, cfg, "flow_shift")
+
+
+def _flow_process(name: str, cfg: dict, shift_key: str) -> RectifiedFlow:
+  """RectifiedFlow from a config's num_train_timesteps and its shift (`shift_key`)."""
   num = cfg.get("num_train_timesteps", 1000)
   check(isinstance(num, int) and num >= 1,
         f"{name}: num_train_timesteps={num!r} must be an int >= 1")
-  shift = cfg.get("flow_shift", 1.0)
+  shift = cfg.get(shift_key, 1.0)
   check(isinstance(shift, (int, float)) and shift > 0,
-        f"{name}: flow_shift={shift!r} must be a number > 0")
+        f"{name}: {shift_key}={shift!r} must be a number > 0")
   return RectifiedFlow(shift=float(shift), num_train_timesteps=num)
 
 
@@ -220,13 +225,7 @@ def from_diffusers_scheduler(source, strict: bool = False) -> SchedulerSetup:
       cfg.get("prediction_type") == "flow_prediction" or cfg.get("use_flow_sigmas")):
     process = _dpm_flow_process(cfg)
   elif class_name == FLOW_CLASS:
-    num = cfg.get("num_train_timesteps", 1000)
-    check(isinstance(num, int) and num >= 1,
-          f"{class_name}: num_train_timesteps={num!r} must be an int >= 1")
-    shift = cfg.get("shift", 1.0)
-    check(isinstance(shift, (int, float)) and shift > 0,
-          f"{class_name}: shift={shift!r} must be a number > 0")
-    process = RectifiedFlow(shift=float(shift), num_train_timesteps=num)
+    process = _flow_process(class_name, cfg, "shift")
   else:
     process = _gaussian_process(class_name, cfg)
   setup = SchedulerSetup(process=process, name=name, options=types.MappingProxyType(options),

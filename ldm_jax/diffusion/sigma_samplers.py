@@ -214,6 +214,18 @@ def _init_noise_sigma(sigmas, spacing):
   return np.float32(np.sqrt(top * top + np.float32(1.0)))
 
 
+def _respace_sigmas(opts, sigmas, timesteps, n, log_sigmas, **bounds):
+  """Euler / Heun: the Karras, exponential or beta σ spacing the options ask for (at
+  most one), with the timesteps mapped back from the new σ; unchanged otherwise."""
+  convert = {"use_karras_sigmas": _karras, "use_exponential_sigmas": _exponential,
+             "use_beta_sigmas": _beta}
+  for flag, fn in convert.items():
+    if opts[flag]:
+      sigmas = fn(sigmas, n, **bounds)
+      timesteps = _sigma_to_t(sigmas, log_sigmas)
+  return sigmas, timesteps
+
+
 def euler_schedule(process, num_inference_steps, **options):
   """(timesteps (N,) float32, sigmas (N + 1,) float32, init_noise_sigma, options) of
   diffusers' `EulerDiscreteScheduler.set_timesteps` with these options.
@@ -243,13 +255,8 @@ def euler_schedule(process, num_inference_steps, **options):
     # torch.linspace(log σ_max, log σ_min, n + 1) in float32, then exp.
     sigmas = np.exp(schedules._torch_linspace_float32(  # pylint: disable=protected-access
         float(np.log(train_sigmas[-1])), float(np.log(train_sigmas[0])), n + 1))
-  bounds = dict(sigma_min=opts["sigma_min"], sigma_max=opts["sigma_max"])
-  convert = {"use_karras_sigmas": _karras, "use_exponential_sigmas": _exponential,
-             "use_beta_sigmas": _beta}
-  for flag, fn in convert.items():
-    if opts[flag]:
-      sigmas = fn(sigmas, n, **bounds)
-      timesteps = _sigma_to_t(sigmas, log_sigmas)
+  sigmas, timesteps = _respace_sigmas(opts, sigmas, timesteps, n, log_sigmas,
+                                      sigma_min=opts["sigma_min"], sigma_max=opts["sigma_max"])
   if opts["final_sigmas_type"] == "sigma_min":
     last = train_sigmas[0]
   else:
@@ -275,12 +282,7 @@ def heun_schedule(process, num_inference_steps, **options):
   timesteps = _spaced_timesteps(opts["timestep_spacing"], process.num_timesteps, n,
                                 opts["steps_offset"])
   sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
-  convert = {"use_karras_sigmas": _karras, "use_exponential_sigmas": _exponential,
-             "use_beta_sigmas": _beta}
-  for flag, fn in convert.items():
-    if opts[flag]:
-      sigmas = fn(sigmas, n)
-      timesteps = _sigma_to_t(sigmas, log_sigmas)
+  sigmas, timesteps = _respace_sigmas(opts, sigmas, timesteps, n, log_sigmas)
   sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
   sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
   timesteps = np.asarray(timesteps)
