@@ -90,6 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.class_dropout_prob = 0.1
   model.class_conditional = True  # False: unconditional (only the null class)
   model.learn_sigma = False       # True: 2x output channels, a learned variance (gaussian)
+  # Precision / memory knobs (transformer denoisers, e.g. dit; see BUILD_NOTES "Scale-out").
+  model.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+  model.qk_norm = False           # RMSNorm on queries and keys in every attention
+  model.attention = "xla"         # xla | cudnn (GPU) | pallas (TPU / GPU) | auto
+  model.remat = "none"            # none | full | dots_saveable | nothing_saveable | ...
+  model.scan_layers = False       # blocks as one nn.scan (params stacked on "layers")
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = "flow"   # flow | gaussian
@@ -126,18 +132,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   optim.grad_clip = 1.0
   optim.ema_decay = 0.999
   optim.ema_warmup = True
+  optim.grad_accum_steps = 1   # k > 1: the global batch runs as k micro-batches (one update)
+  # A non-finite loss or gradient: "stop" (error naming the step and metric, the last
+  # checkpoint kept) or "skip" (that update is not applied; metric `skipped` counts them;
+  # the learning-rate schedule then follows applied updates).
+  optim.nan_policy = "stop"
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.axes = ("data", "fsdp", "tensor")
   mesh.shape = (-1, 1, 1)
   # logical axis -> mesh axis ("" = replicated).
-  mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-                ("kv", ""), ("tokens", ""), ("classes", ""), ("conv_in", ""),
+  # logical axis -> mesh axes ("" = replicated); mesh axes a mesh lacks are ignored, so
+  # the same rules serve meshes with `dcn_*` (multi-slice / multi-node) axes.
+  mesh.rules = (("batch", ("dcn_data", "dcn_fsdp", "data", "fsdp")), ("embed", ("dcn_fsdp", "fsdp")),
+                ("mlp", "tensor"), ("heads", "tensor"), ("kv", ""), ("tokens", ""),
+                ("act_embed", ""), ("layers", ""), ("classes", ""), ("conv_in", ""),
                 ("conv_out", "tensor"), ("norm", ""))
+  # Fail before training when a parameter larger than this (elements) would be fully
+  # replicated although the mesh has an fsdp / tensor axis (0 = no check).
+  mesh.max_replicated_size = 1 << 20
 
   config.ckpt = ckpt = ml_collections.ConfigDict()
   ckpt.every_steps = 500
-  ckpt.max_to_keep = 3
+  ckpt.max_to_keep = 3          # keep the newest N checkpoints ...
+  ckpt.keep_every_steps = 0     # ... and also every checkpoint at a multiple of K (0 = none)
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.every_steps = 0   # 0 = only at the end of training

@@ -8,6 +8,7 @@ ends with one line `error: ...` and exit status 2; nothing is overwritten.
 """
 
 import importlib.util
+import io
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from ldm_jax.distributed import initialize_distributed
 from ldm_jax.errors import UserError
 
 MODES = ("train", "sample", "bpd")
@@ -108,36 +110,6 @@ def _load_config():
   return config
 
 
-def _initialize_distributed(jax):
-  """Multi-process runs (launch/: local, SLURM) name the coordinator through
-  LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES, LDM_JAX_PROCESS_ID (and optionally
-  LDM_JAX_LOCAL_DEVICE_IDS); on TPU VMs LDM_JAX_DISTRIBUTED=auto (launch/tpu) lets JAX
-  find the workers itself. Nothing set: one process."""
-  env = os.environ
-  if env.get("LDM_JAX_DISTRIBUTED") == "auto":  # TPU VMs: the workers find each other
-    jax.distributed.initialize()
-    return
-  if not env.get("LDM_JAX_COORDINATOR"):
-    return
-  try:
-    num, pid = int(env["LDM_JAX_NUM_PROCESSES"]), int(env["LDM_JAX_PROCESS_ID"])
-  except (KeyError, ValueError) as e:
-    raise UserError("LDM_JAX_COORDINATOR is set, so LDM_JAX_NUM_PROCESSES and "
-                    "LDM_JAX_PROCESS_ID must be integers too (see launch/README.md)") from e
-  if not 0 <= pid < num:
-    raise UserError(f"LDM_JAX_PROCESS_ID={pid} must be in [0, {num}) "
-                    f"(LDM_JAX_NUM_PROCESSES={num})")
-  local = env.get("LDM_JAX_LOCAL_DEVICE_IDS")
-  # Collectives between CPU processes (the localhost tests and CPU clusters); GPU and
-  # TPU backends bring their own. (Newer JAX uses gloo by default and may drop the flag.)
-  try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except (AttributeError, KeyError, ValueError):
-    pass
-  jax.distributed.initialize(env["LDM_JAX_COORDINATOR"], num_processes=num, process_id=pid,
-                             local_device_ids=[int(i) for i in local.split(",")] if local else None)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -150,7 +122,7 @@ def main(argv):
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=runs/quickstart")
     import jax
-    _initialize_distributed(jax)
+    initialize_distributed(jax, _WORKDIR.value)
     if _CACHE.value:
       jax.config.update("jax_compilation_cache_dir", _CACHE.value)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -164,7 +136,9 @@ def main(argv):
       from ldm_jax.evaluation.likelihood import bpd_from_workdir
       bpd_from_workdir(config, _WORKDIR.value)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    real_stderr, sys.stderr = sys.stderr, io.StringIO()  # late background-thread noise
+    print(f"error: {e}", file=real_stderr)
+    real_stderr.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     # Nothing was written; skip interpreter teardown, where Orbax / TensorStore

@@ -3,6 +3,7 @@ validation with clear messages, the resolved config file, and resume compatibili
 
 import json
 import os
+import re
 
 import ml_collections
 
@@ -79,6 +80,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def prepare_workdir(workdir: str, create: bool = True) -> str:
   """Absolute workdir path; it must be (or become) a writable directory."""
   check(bool(workdir), "--workdir is required")
+  check(not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir),
+        f"--workdir {workdir!r}: URLs (gs://, s3://, …) are not supported yet; give a path on "
+        f"a filesystem every process shares (NFS / Filestore, or a Cloud Storage FUSE mount "
+        f"such as /gcs/BUCKET/runs/x on TPU VMs)")
   path = os.path.abspath(workdir)
   check(not os.path.exists(path) or os.path.isdir(path),
         f"--workdir {workdir!r} exists and is not a directory; give a directory path")

@@ -58,6 +58,14 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None):
   return sample_fn
 
 
+def to_host(images) -> np.ndarray:
+  """A (possibly multi-process sharded) array as one numpy array on every process."""
+  if getattr(images, "is_fully_addressable", True):
+    return np.asarray(images)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+
+
 def sample_labels(num: int, num_classes: int, given=()) -> np.ndarray:
   """Balanced labels (0, 1, …, C-1, 0, …) or the given labels cycled, length `num`."""
   pattern = np.asarray(list(given) if len(given) else np.arange(num_classes), np.int32)
@@ -76,7 +84,7 @@ def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key,
     padded = np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk
     images = sample_fn(params, jnp.asarray(padded), jax.random.fold_in(key, b),
                        classifier_params)
-    out.append(np.asarray(images)[:len(chunk)])
+    out.append(to_host(images)[:len(chunk)])
     logger.info("sampling: batch %d/%d (%d/%d images)", b + 1, batches,
                 min((b + 1) * batch_size, num), num)
   return np.concatenate(out)
@@ -171,7 +179,7 @@ def load_classifier(config, process, mesh):
     tx = make_optimizer(ml_collections.ConfigDict(saved["optim"]), saved["num_train_steps"])
     with jax.set_mesh(mesh):
       abstract, _ = create_state(classifier, tx, data_config, saved.get("seed", 0), mesh,
-                                 sharding.logical_rules(config.mesh), materialize=False)
+                                 sharding.logical_rules(config.mesh, mesh), materialize=False)
       state = checkpointer.restore(abstract, step=step)
   finally:
     checkpointer.close()
@@ -221,7 +229,7 @@ def restore_for_inference(config, workdir: str, mode: str):
     tx = make_optimizer(config.optim, config.num_train_steps)
     with jax.set_mesh(mesh):
       abstract, _ = create_state(model, tx, config.data, config.seed, mesh,
-                                 sharding.logical_rules(config.mesh), materialize=False)
+                                 sharding.logical_rules(config.mesh, mesh), materialize=False)
       state = checkpointer.restore(abstract, step=step)
   finally:
     checkpointer.close()

@@ -7,6 +7,8 @@ knows which. Sections follow the data path in ARCHITECTURE.md.
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -17,17 +19,15 @@ from PIL import Image
 
 from ldm_jax import run_config
 from ldm_jax.data.pipeline import make_train_iterator
-from ldm_jax.diffusion import build_process
 from ldm_jax.diffusion.samplers import check_sample_config
 from ldm_jax.errors import UserError
-from ldm_jax.models import build_model, count_params
-from ldm_jax.sample import make_sample_fn
+from ldm_jax.models import count_params
+from ldm_jax.sample import make_sample_fn, to_host
 from ldm_jax.training import sharding
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.metrics import MetricWriter, Progress, image_grid
-from ldm_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from ldm_jax.training.step import make_train_step, to_model_range
-from ldm_jax.training.train_state import create_state
+from ldm_jax.training.setup import build_training
+from ldm_jax.training.step import to_model_range
 
 logger = logging.getLogger("ldm_jax")
 
@@ -42,7 +42,7 @@ def log_sample_grid(sample_fn, params, config, step, writer, workdir):
   per_class = config.eval.grid_per_class
   classes = grid_classes(config.data.num_classes)
   labels = np.repeat(classes, per_class).astype(np.int32)
-  images = np.asarray(sample_fn(params, labels, jax.random.key(config.sample.seed)))
+  images = to_host(sample_fn(params, labels, jax.random.key(config.sample.seed)))
   # One column per class, one row per sample index.
   grid = image_grid(images.reshape(len(classes), per_class, *images.shape[1:])
                     .transpose(1, 0, 2, 3, 4).reshape(images.shape), len(classes))
@@ -102,23 +102,25 @@ def log_classifier_eval(model, process, params, config, step, writer, workdir):
 def train_and_evaluate(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if present.
 
+  SIGTERM (preemption, `scancel`, a TPU maintenance event) finishes the current step,
+  commits a checkpoint and returns normally; running the same command resumes.
   Returns the final TrainState.
   """
+  # SIGTERM from here on (also while restoring or compiling) stops after the next step.
+  with PreemptionFlag() as preempted:
+    return _train_and_evaluate(config, workdir, preempted)
+
+
+def _train_and_evaluate(config, workdir: str, preempted: "PreemptionFlag"):
   # -- 1. config (all of it checked before anything is written) and workdir ----
-  run_config.validate(config)
-  task = run_config.task_of(config)
-  model = build_model(config.model, input_size=config.data.image_size,
-                      in_channels=config.data.channels, num_classes=config.data.num_classes)
-  process = build_process(config.diffusion, config.data.image_size)
+  setup = build_training(config)
+  task, model, process, mesh = setup.task, setup.model, setup.process, setup.mesh
   if task == "denoise":
     check_sample_config(process, config.sample)  # fail now, not after hours of training
-  tx = make_optimizer(config.optim, config.num_train_steps)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  sharding.check_batch_divisible(config.data.batch_size, batch_sharding)
+  nan_policy = config.optim.get("nan_policy", "stop")
   workdir = run_config.prepare_workdir(workdir)
-  checkpointer = Checkpointer(workdir, config.ckpt.max_to_keep)
+  checkpointer = Checkpointer(workdir, config.ckpt.max_to_keep,
+                              keep_every=int(config.ckpt.get("keep_every_steps", 0)))
   saved = run_config.read_saved_config(workdir) or checkpointer.restore_config()
   run_config.check_compatible(saved, config, workdir)
 
@@ -126,28 +128,23 @@ def train_and_evaluate(config, workdir: str):
   data_iter = make_train_iterator(config.data, config.data.batch_size, config.seed)
 
   # -- 3. state: born sharded, or restored (into an abstract target) ----------
-  resuming = checkpointer.latest_step() is not None
-  with jax.set_mesh(mesh):
-    state, state_shardings = create_state(model, tx, config.data, config.seed, mesh, rules,
-                                          materialize=not resuming)
-  if resuming:
-    state = checkpointer.restore(state, data_iter)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(setup.abstract_state, data_iter)
+  else:
+    state = setup.init_state()
   if jax.process_index() == 0:  # only once the run is known to be resumable
     run_config.write_config(workdir, config)
   start_step = int(state.step)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
       f.write(parameter_overview.get_parameter_overview(state.params, include_stats=False))
-  logger.info("task %s, model %s/%s: %s parameters; process %s; starting at step %d of %d",
-              task, config.model.name, config.model.variant, f"{count_params(state.params):,}",
-              config.diffusion.process, start_step, config.num_train_steps)
+  logger.info("task %s, model %s/%s: %s parameters; process %s; mesh %s; starting at step %d "
+              "of %d", task, config.model.name, config.model.variant,
+              f"{count_params(state.params):,}", config.diffusion.process, dict(mesh.shape),
+              start_step, config.num_train_steps)
 
   # -- 4. the jitted step and sampler -----------------------------------------
-  train_step = jax.jit(make_train_step(
-      model, process, tx, config.optim.ema_decay, config.optim.ema_warmup,
-      learning_rate_schedule(config.optim, config.num_train_steps), task=task),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  train_step = setup.jit_step()
   if task == "denoise":
     sample_fn = make_sample_fn(model, process, config.data, config.sample)
 
@@ -170,24 +167,32 @@ def train_and_evaluate(config, workdir: str):
   try:
     with jax.set_mesh(mesh):
       while step < stop_at:
-        batch = sharding.put_batch(next(data_iter), batch_sharding)
+        batch = sharding.put_batch(next(data_iter), setup.batch_sharding)
         state, metrics = train_step(state, batch)
         pending.append(metrics)
         step += 1
-        save_now = step % config.ckpt.every_steps == 0 or step == stop_at
+        stopping = preempted.is_set(step)
+        save_now = step % config.ckpt.every_steps == 0 or step == stop_at or stopping
         if step % config.log_every_steps == 0 or save_now:
           fetched = jax.device_get(pending)  # the one host sync per report
+          if nan_policy == "stop":
+            check_finite(fetched, step - len(fetched) + 1)  # before a checkpoint holds NaNs
           means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-          check_finite(means, step)  # before a checkpoint could hold NaNs
+          if "skipped" in means:
+            means["skipped"] = float(np.sum([m["skipped"] for m in fetched]))
           means.update(progress.report(step, means))
           writer.scalars(step, means)
           pending = []
         if save_now:
           checkpointer.save(step, state, data_iter, run_config.config_to_dict(config), force=True)
+        if stopping:
+          logger.info("SIGTERM: stopped after step %d with a checkpoint; run the same command "
+                      "to resume", step)
+          break
         if (config.eval.every_steps and step % config.eval.every_steps == 0
             and step < config.num_train_steps):
           evaluate(state, step)
-      if step == config.num_train_steps and step > start_step:
+      if step == config.num_train_steps and step > start_step:  # (after its checkpoint)
         evaluate(state, step)
     logger.info("trained %d steps in %.1f s", step - start_step, time.time() - started)
   finally:  # also on errors: finish in-flight checkpoint writes, flush events
@@ -196,9 +201,49 @@ def train_and_evaluate(config, workdir: str):
   return state
 
 
-def check_finite(means: dict, step: int):
-  """Stops a diverged run before it writes a NaN checkpoint."""
-  bad = [k for k, v in means.items() if not np.isfinite(v)]
-  if bad:
-    raise UserError(f"training diverged at step {step}: {bad} not finite; lower "
-                    f"optim.learning_rate or raise optim.warmup_steps (last checkpoint kept)")
+class PreemptionFlag:
+  """SIGTERM while training (a context manager) asks the loop to stop cleanly.
+
+  One process: a Python SIGTERM handler sets the flag. Several processes: every
+  process must stop after the same step, so JAX's preemption service (started by
+  `jax.distributed.initialize`, which catches SIGTERM itself) agrees on that step and
+  `is_set` turns True on all processes together.
+  """
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+    return False
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._received = True
+
+  def is_set(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._received
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+
+
+def check_finite(per_step_metrics: list, first_step: int):
+  """Stops a diverged run before it writes a NaN checkpoint, naming the first step and
+  metric that went non-finite."""
+  for offset, metrics in enumerate(per_step_metrics):
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+    if bad:
+      raise UserError(
+          f"training diverged at step {first_step + offset}: {bad[0]} = "
+          f"{float(np.asarray(metrics[bad[0]]))} (non-finite: {bad}); the last checkpoint is "
+          f"kept. Lower optim.learning_rate, raise optim.warmup_steps, or set "
+          f"optim.nan_policy=skip to skip such updates")

@@ -1,6 +1,18 @@
-"""Shared test setup: offline hub, persistent compilation cache, absl flags parsed."""
+"""Shared test setup: 8 CPU devices, offline hub, persistent compilation cache, absl
+flags parsed.
+
+Every test process sees 8 host devices (`--xla_force_host_platform_device_count=8`), as
+ARCHITECTURE.md asks: the default mesh (-1, 1, 1) then trains data-parallel over 8
+devices in every training test, and the mesh-equivalence tests build (8,1,1), (2,4,1),
+(1,4,2) and (1,8,1) meshes. Subprocesses inherit the flag through the environment.
+"""
 
 import os
+
+DEVICES = 8
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -58,11 +58,12 @@ def test_process_shards_form_the_global_batch():
   shards = [make_train_iterator(data, 8, seed=0, process_index=p, process_count=2)
             for p in range(2)]
   for _ in range(3):
-    global_labels = next(whole)["label"]
-    parts = [next(s)["label"] for s in shards]
-    assert all(len(p) == 4 for p in parts)
-    # Interleaved: process p holds global positions p, p+2, ...
-    np.testing.assert_array_equal(np.stack(parts, 1).reshape(-1), global_labels)
+    global_batch = next(whole)
+    parts = [next(s) for s in shards]
+    assert all(len(p["label"]) == 4 for p in parts)
+    # Contiguous: process p holds global positions [4p, 4p + 4), in process order.
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), global_batch[key])
 
 
 def test_iterator_state_restores_mid_epoch():

@@ -18,7 +18,7 @@ F = torch.nn.functional
 
 from ldm_jax.convert import common, dit as cdit  # noqa: E402
 from ldm_jax.errors import UserError  # noqa: E402
-from ldm_jax.models.dit import DiT, VARIANTS  # noqa: E402
+from ldm_jax.models.dit import DiT, VARIANTS, stack_blocks  # noqa: E402
 from ldm_jax.models.registry import count_params  # noqa: E402
 
 PAPER_VARIANTS = [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
@@ -130,6 +130,47 @@ def test_to_diffusers_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back, params)
   with pytest.raises(UserError, match="time_freq_shift"):
     cdit.to_diffusers(params, dict(cfg, time_freq_shift=0.0), str(tmp_path / "x"))
+
+
+def test_scanned_model_loads_diffusers_and_round_trips(tmp_path):
+  ref_model = _random_diffusers(8, seed=3)
+  ref_model.save_pretrained(tmp_path / "in")
+  flat, cfg_flat = cdit.from_diffusers(str(tmp_path / "in"))
+  params, cfg = cdit.from_diffusers(str(tmp_path / "in"), scan_layers=True)
+  assert cfg == dict(cfg_flat, scan_layers=True) and "blocks_0" not in params
+  assert params["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 32, 3, 2, 16)  # (layers, ...)
+  x, t, y = _inputs(3)
+  ref = _run_diffusers(ref_model, x, t, y)
+  err_scan, err_flat = (_rel(_run_ours(params, cfg, x, t, y), ref),
+                        _rel(_run_ours(flat, cfg_flat, x, t, y), ref))
+  print(f"diffusers parity: scanned {err_scan:.2e}, unrolled {err_flat:.2e}")
+  assert err_scan <= TOL and err_flat <= TOL
+  cdit.to_diffusers(params, cfg, str(tmp_path / "out"))  # unstacked on export
+  loaded = diffusers.DiTTransformer2DModel.from_pretrained(str(tmp_path / "out")).eval()
+  np.testing.assert_array_equal(_run_diffusers(loaded, x, t, y), ref)
+  back, cfg_back = cdit.from_diffusers(str(tmp_path / "out"), scan_layers=True)
+  assert cfg_back == cfg
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_scanned_model_official_round_trip():
+  params, cfg = _official_params()
+  stacked, cfg_scan = stack_blocks(params, cfg["depth"]), dict(cfg, scan_layers=True)
+  sd = cdit.to_official_state_dict(stacked, cfg_scan)
+  jax.tree.map(np.testing.assert_array_equal, sd, cdit.to_official_state_dict(params, cfg))
+  back, cfg_back = cdit.from_official(sd, num_heads=2, scan_layers=True)
+  assert cfg_back == cfg_scan
+  jax.tree.map(np.testing.assert_array_equal, back, stacked)
+
+
+def test_qk_norm_models_cannot_be_converted(tmp_path):
+  cfg = dict(cdit.diffusers_to_config(dict(TINY, out_channels=8)), qk_norm=True)
+  params = _random_params(cfg, 5)
+  assert "q_norm" in params["blocks_0"]["attn"]
+  with pytest.raises(UserError, match="qk_norm=True cannot be converted .* no q_norm / k_norm"):
+    cdit.to_diffusers(params, cfg, str(tmp_path))
+  with pytest.raises(UserError, match="qk_norm=True cannot be converted"):
+    cdit.to_official_state_dict(params, dict(cfg, time_freq_shift=0.0, mlp_norm_eps=1e-6))
 
 
 def test_diffusers_copies_must_agree(tmp_path):

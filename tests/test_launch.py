@@ -32,7 +32,7 @@ def words(line):
 def test_tpu_single_host_create_setup_run_delete():
   out = lines(run("tpu/run.sh", "all", "--name=dit", "--zone=us-east5-a", "--project=proj",
                   "--accelerator-type=v5p-8", "--copy", "--config=configs/quickstart.py:dit",
-                  "--workdir=gs://b/runs/dit", "--teardown", "--dry-run", "--",
+                  "--workdir=/gcs/b/runs/dit", "--teardown", "--dry-run", "--",
                   "--config.num_train_steps=100"))
   create, ssh_run, delete = words(out[0]), words(out[-2]), words(out[-1])
   assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
@@ -50,7 +50,7 @@ def test_tpu_single_host_create_setup_run_delete():
   assert ssh_run == ssh[1]
   remote = ssh_run[-1].removeprefix("--command=")
   assert ("env LDM_JAX_DISTRIBUTED=auto python -m ldm_jax.main --config=configs/quickstart.py:dit "
-          "--workdir=gs://b/runs/dit --mode=train --config.num_train_steps=100") in remote
+          "--workdir=/gcs/b/runs/dit --mode=train --config.num_train_steps=100") in remote
   assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "dit"]
   assert "--zone=us-east5-a" in delete
 
@@ -59,7 +59,7 @@ def test_tpu_multislice_uses_queued_resources_with_node_count():
   out = lines(run("tpu/run.sh", "all", "--name=ms", "--zone=us-central2-b",
                   "--accelerator-type=v5litepod-16", "--num-slices=2",
                   "--repo-url=https://example.com/ldm_jax.git", "--config=c.py",
-                  "--workdir=gs://b/w", "--teardown", "--dry-run"))
+                  "--workdir=/gcs/b/w", "--teardown", "--dry-run"))
   create = words(out[0])
   assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
   assert {"--node-count=2", "--node-prefix=ms", "--accelerator-type=v5litepod-16"} <= set(create)
@@ -191,25 +191,58 @@ def test_tpu_unknown_subcommand_and_help():
     assert help_.returncode == 0 and "usage:" in help_.stdout and "--dry-run" in help_.stdout
 
 
-def test_two_local_processes_train_one_run(tmp_path):
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
   """launch/local/multiprocess.sh really starts 2 JAX processes (jax.distributed over
-  gloo on localhost, wired through the LDM_JAX_* variables): both finish, agree on every
-  logged (global) loss, and write one checkpointed run."""
+  gloo on localhost, wired through the LDM_JAX_* variables) of 4 CPU devices each, on an
+  8-way fsdp mesh: every parameter is split across both processes. Each process loads
+  only its half of every global batch, yet the run equals one process with 8 devices:
+  the same logged losses and the same checkpointed state (collective Orbax save of the
+  cross-process shards, restored here); the final sample grid is gathered and written."""
   import random
-  workdir = tmp_path / "mp"
+  import jax
+  workdir, single = tmp_path / "mp", tmp_path / "single"
   port = str(random.randint(20000, 40000))
   cache = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "jax_cache_tests")
+  # Adam's ε raised as in tests/mesh_equivalence.py: with 1e-8 a gradient element near 0
+  # (whose value the all-reduce order changes relatively a lot) moves by ±lr.
+  # fsdp over all 8 devices: parameters (and their checkpoint) split across the processes.
+  common = ["--config.num_train_steps=4", "--config.ckpt.every_steps=2",
+            "--config.log_every_steps=1", "--config.optim.eps=1e-3",
+            "--config.mesh.shape=(1,8,1)",
+            f"--compilation_cache={cache}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   result = subprocess.run(
       ["bash", str(LAUNCH / "local/multiprocess.sh"), "-n", "2", f"--port={port}",
        f"--python={sys.executable}",
-       "--config=configs/quickstart.py:tiny", f"--workdir={workdir}", "--",
-       "--config.num_train_steps=4", "--config.ckpt.every_steps=2", f"--compilation_cache={cache}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+       "--config=configs/quickstart.py:tiny", f"--workdir={workdir}", "--", *common],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-  losses_0 = re.findall(r"step \d+/4 .* loss (\S+)", result.stdout + result.stderr)
-  losses_1 = re.findall(r"step \d+/4 .* loss (\S+)", (workdir / "logs/process_1.log").read_text())
-  assert losses_0 and losses_0 == losses_1
-  assert (workdir / "config.json").exists() and (workdir / "checkpoints").is_dir()
+  pattern = r"step \d+/4 .* loss (\S+)"
+  losses_0 = re.findall(pattern, result.stdout + result.stderr)
+  losses_1 = re.findall(pattern, (workdir / "logs/process_1.log").read_text())
+  assert len(losses_0) == 4 and losses_0 == losses_1
+  assert (workdir / "grids" / "step_0000004.png").exists()
+  one = subprocess.run(
+      [sys.executable, "-m", "ldm_jax.main", "--config=configs/quickstart.py:tiny",
+       f"--workdir={single}", *common], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert re.findall(pattern, one.stdout + one.stderr) == losses_0
+
+  from ldm_jax.training.checkpoint import Checkpointer
+  from ldm_jax.training.setup import build_training
+  from tests.helpers import tiny_config
+  abstract = build_training(tiny_config(**{"mesh.shape": (1, 8, 1)})).abstract_state
+  states = []
+  for run in (workdir, single):
+    checkpointer = Checkpointer(str(run), read_only=True)
+    assert checkpointer.latest_step() == 4
+    states.append(jax.device_get(checkpointer.restore(abstract)))
+    checkpointer.close()
+  from tests.mesh_equivalence import max_relative_difference
+  trained = [(s.params, s.opt_state, s.ema_params) for s in states]
+  assert max_relative_difference(*trained) <= 1e-5  # gloo vs in-process all-reduce order
+  assert int(states[0].step) == int(states[1].step) == 4
 
 
 def test_bad_process_environment_is_a_clear_error(tmp_path):

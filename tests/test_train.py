@@ -102,7 +102,7 @@ def sample_state(workdir):
   tx = make_optimizer(config.optim, config.num_train_steps)
   with jax.set_mesh(mesh):
     abstract, _ = create_state(model, tx, config.data, config.seed, mesh,
-                               sharding.logical_rules(config.mesh), materialize=False)
+                               sharding.logical_rules(config.mesh, mesh), materialize=False)
     return Checkpointer(workdir, read_only=True).restore(abstract)
 
 

@@ -2,7 +2,7 @@
 # Cloud TPU launcher: create a TPU VM / queued resource (single host, pod slice,
 # multislice), install ldm_jax on every worker, run training on --worker=all, tear down.
 #   launch/tpu/run.sh all --name=dit --zone=us-east5-a --accelerator-type=v5p-8 \
-#       --copy --config=configs/quickstart.py:dit --workdir=gs://bucket/runs/dit --teardown
+#       --copy --config=configs/quickstart.py:dit --workdir=/gcs/bucket/runs/dit --teardown
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$here/../.." && pwd)
@@ -41,7 +41,7 @@ options:
   --repo-url URL [--branch B]  setup clones the repository on every worker
   --copy                    setup copies this working tree (tar + scp) to every worker
   --config C                config file[:preset] (required for run)
-  --workdir W               workdir on the workers, e.g. gs://bucket/runs/x (required for run)
+  --workdir W               workdir on the workers, e.g. /gcs/bucket/runs/x (required for run)
   --mode M                  train (default), sample or bpd
   --remote-dir D            project folder on the workers (default ldm_jax)
   --python P                interpreter for the venv on the workers (default python3;

@@ -13,6 +13,11 @@ The key tables below are explicit (one name per tensor, `{i}` = block index);
 `ldm_jax.convert.common` enforces them strictly in both directions. Torch Linear
 weights are (out, in) and Conv2d weights OIHW; ours are (in, out) and HWIO.
 
+Models built with `scan_layers=True` keep their blocks stacked under "blocks"
+(see `ldm_jax.models.dit.stack_blocks`): the importers stack when asked
+(`scan_layers=True`), the exporters unstack when the config says so. `qk_norm`
+models cannot be converted: neither format has q/k norm weights.
+
 Usage:
   params, config = from_diffusers("DiT-XL-2-256/transformer")
   model = DiT(**config); model.apply({"params": params}, x_nhwc, t, y)
@@ -29,7 +34,8 @@ import numpy as np
 from ldm_jax.convert import common
 from ldm_jax.convert.common import Rule
 from ldm_jax.errors import check
-from ldm_jax.models.dit import VARIANTS, DiT
+from ldm_jax.models.dit import VARIANTS, DiT, stack_blocks, unstack_blocks
+from ldm_jax.models.layers import compute_dtype
 from ldm_jax.models.embeddings import sincos_2d
 
 FREQ_DIM = 256  # timestep feature width in both implementations
@@ -55,7 +61,24 @@ def _model(config: Mapping) -> DiT:
   fields = {f.name for f in dataclasses.fields(DiT)} - {"parent", "name"}
   unknown = sorted(set(config) - fields)
   check(not unknown, f"DiT config has unknown fields {unknown}; valid: {sorted(fields)}")
+  config = dict(config)
+  if "dtype" in config:
+    config["dtype"] = compute_dtype(config["dtype"])
   return DiT(**config)
+
+
+def _per_block(params, model: DiT):
+  """`params` with per-block `blocks_{i}` entries (unstacked if the model scans)."""
+  if not model.scan_layers:
+    return params
+  return unstack_blocks(common.unflatten(common.flatten_params(params)))
+
+
+def _scanned(params: dict, config: dict, scan_layers: bool) -> tuple[dict, dict]:
+  """Imported per-block (params, config), stacked for a scanning model if asked."""
+  if not scan_layers:
+    return params, config
+  return stack_blocks(params, config["depth"]), dict(config, scan_layers=True)
 
 
 def _qkv(target: str, sources, d: int, heads: int) -> list[Rule]:
@@ -86,7 +109,15 @@ def _proj(target: str, source: str, d: int, heads: int) -> list[Rule]:
 def key_table(model: DiT, names: Mapping) -> list[Rule]:
   """The explicit rules for `model` in the format named by `names`
   (OFFICIAL_NAMES or DIFFUSERS_NAMES). Embedder names containing `{i}` are
-  per-block copies and become tied rules."""
+  per-block copies and become tied rules. Block params are named `blocks_{i}`
+  (unstack a scanning model's params first).
+
+  Raises:
+    UserError for a `qk_norm` model (neither format has q/k norm weights).
+  """
+  check(not model.qk_norm, "DiT with qk_norm=True cannot be converted to or from official "
+        "DiT / diffusers DiTTransformer2DModel checkpoints: those formats have no q_norm / "
+        "k_norm weights. Use qk_norm=False, or ldm_jax's own checkpoints.")
   d, heads, p, depth = model.hidden_size, model.num_heads, model.patch_size, model.depth
   mlp = int(d * model.mlp_ratio)
   rows = model.num_classes + int(model.class_dropout_prob > 0)
@@ -176,14 +207,15 @@ def infer_official_config(sd: Mapping, *, num_heads: int | None = None,
               mlp_norm_eps=1e-6)
 
 
-def from_official(checkpoint, *, num_heads: int | None = None,
-                  variant: str | None = None) -> tuple[dict, dict]:
+def from_official(checkpoint, *, num_heads: int | None = None, variant: str | None = None,
+                  scan_layers: bool = False) -> tuple[dict, dict]:
   """Official facebookresearch/DiT weights -> (ldm_jax params, DiT config dict).
 
   Args:
     checkpoint: path of a `.pt` file (a bare state dict, or a training checkpoint
       whose "ema" weights are used, else "model"), or a {name: array} mapping.
     num_heads / variant: see `infer_official_config`.
+    scan_layers: return params for a `scan_layers=True` model (blocks stacked).
   Returns:
     (params, config): a nested dict of float32 numpy arrays for
     `DiT(**config).apply({"params": params}, ...)`, and the DiT fields.
@@ -203,7 +235,7 @@ def from_official(checkpoint, *, num_heads: int | None = None,
   check(err <= 1e-5, f"official DiT checkpoint: pos_embed differs from the fixed 2-D sin-cos "
         f"table by up to {err:.3g}; ldm_jax's DiT cannot use a learned position embedding")
   common.check_tree_matches(params, expected_params(config), what="official DiT checkpoint")
-  return params, config
+  return _scanned(params, config, scan_layers)
 
 
 def to_official_state_dict(params, config: Mapping, *, allow_timestep_mismatch: bool = False
@@ -218,7 +250,8 @@ def to_official_state_dict(params, config: Mapping, *, allow_timestep_mismatch: 
         f"official DiT uses time_freq_shift=0, these params were made with "
         f"{model.time_freq_shift}; pass allow_timestep_mismatch=True to export anyway")
   common.check_tree_matches(params, expected_params(config), what="DiT params")
-  sd = common.export_tensors(params, key_table(model, OFFICIAL_NAMES), what="DiT params")
+  sd = common.export_tensors(_per_block(params, model), key_table(model, OFFICIAL_NAMES),
+                             what="DiT params")
   grid = model.input_size // model.patch_size
   sd["pos_embed"] = sincos_2d(model.hidden_size, grid, grid)[None]
   return sd
@@ -248,13 +281,15 @@ def diffusers_to_config(cfg: Mapping) -> dict:
               mlp_norm_eps=cfg.get("norm_eps", 1e-5))  # diffusers' pre-MLP LayerNorm eps
 
 
-def from_diffusers(folder: str, *, variant: str | None = None) -> tuple[dict, dict]:
+def from_diffusers(folder: str, *, variant: str | None = None,
+                   scan_layers: bool = False) -> tuple[dict, dict]:
   """A diffusers `DiTTransformer2DModel` folder -> (ldm_jax params, DiT config dict).
 
   Args:
     folder: holds config.json and diffusion_pytorch_model[.variant].safetensors
       (or its shards plus the index json); e.g. a pipeline's `transformer/`.
     variant: weight variant such as "fp16".
+    scan_layers: return params for a `scan_layers=True` model (blocks stacked).
   Returns:
     (params, config) as in `from_official`; config has time_freq_shift=1.
   Raises:
@@ -267,7 +302,7 @@ def from_diffusers(folder: str, *, variant: str | None = None) -> tuple[dict, di
   params = common.convert_tensors(tensors, key_table(_model(config), DIFFUSERS_NAMES),
                                   what=f"diffusers DiT {folder}")
   common.check_tree_matches(params, expected_params(config), what=f"diffusers DiT {folder}")
-  return params, config
+  return _scanned(params, config, scan_layers)
 
 
 def to_diffusers(params, config: Mapping, folder: str, *,
@@ -278,7 +313,8 @@ def to_diffusers(params, config: Mapping, folder: str, *,
 
   diffusers computes timestep features with time_freq_shift=1 and a fixed MLP
   ratio 4 and label-dropout table; other configs raise (the timestep one unless
-  `allow_timestep_mismatch`, for which outputs would differ slightly).
+  `allow_timestep_mismatch`, for which outputs would differ slightly). A
+  `scan_layers` config's stacked params are unstacked; a `qk_norm` one raises.
   """
   model = _model(config)
   check(model.time_freq_shift == 1 or allow_timestep_mismatch,
@@ -288,7 +324,8 @@ def to_diffusers(params, config: Mapping, folder: str, *,
   check(model.class_dropout_prob > 0, "diffusers' DiT always has the null-class row; "
         "class_dropout_prob=0 params lack it")
   common.check_tree_matches(params, expected_params(config), what="DiT params")
-  tensors = common.export_tensors(params, key_table(model, DIFFUSERS_NAMES), what="DiT params")
+  tensors = common.export_tensors(_per_block(params, model), key_table(model, DIFFUSERS_NAMES),
+                                  what="DiT params")
   cfg = dict(_class_name="DiTTransformer2DModel", num_attention_heads=model.num_heads,
              attention_head_dim=model.hidden_size // model.num_heads,
              in_channels=model.in_channels, out_channels=model.out_channels,

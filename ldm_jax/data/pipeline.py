@@ -58,8 +58,10 @@ def make_train_iterator(data_config, global_batch_size: int, seed: int,
   """An endless, reshuffled-each-epoch iterator of this process's share of the
   global batch. Supports `get_state()` / `set_state()` (and Grain's Orbax handler).
 
-  Process p of P takes global records p, p+P, p+2P, … of the shuffled stream, so the
-  P per-process batches of a step together form one global batch.
+  Global batch k is records [kB, (k+1)B) of the shuffled stream; process p of P takes
+  its p-th contiguous slice of B/P records, so the P per-process batches, in process
+  order, are exactly the batch a single process would see (a multi-process run
+  trains on the same data as a one-process run).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -73,8 +75,8 @@ def make_train_iterator(data_config, global_batch_size: int, seed: int,
   dataset = (grain.MapDataset.source(source)
              .shuffle(seed=seed)
              .repeat(None)  # reshuffles every epoch
-             [process_index::process_count]
-             .batch(per_process, drop_remainder=True))
+             .batch(per_process, drop_remainder=True)
+             [process_index::process_count])
   workers = int(data_config.get("worker_count", 0))
   iter_dataset = dataset.to_iter_dataset()
   if workers > 0:

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion.process import mean_flat
+from ldm_jax.diffusion.process import mean_flat, training_draws
 from ldm_jax.errors import check
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "mode", "cosmap")
@@ -123,11 +123,9 @@ class RectifiedFlow:
     t = t.reshape(t.shape + (1,) * (x_t.ndim - 1))
     return x_t - t * velocity, x_t + (1 - t) * velocity
 
-  def loss(self, model_fn, x0, rng):
+  def loss(self, model_fn, x0, rng, draws=None):
     """Conditional flow matching: ||v_θ(x_t, t) - (ε - x0)||², per example (B,)."""
-    t_rng, n_rng = jax.random.split(rng)
-    t = self.sample_time(t_rng, x0.shape[0])
-    noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
+    t, noise = training_draws(self, rng, x0) if draws is None else draws
     output = model_fn(self.add_noise(x0, noise, t), self.model_time(t))
     per_example = mean_flat((output[..., :x0.shape[-1]] - self.target(x0, noise, t)) ** 2)
     return per_example, {"loss": per_example.mean()}

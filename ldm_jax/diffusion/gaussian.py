@@ -29,7 +29,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr
 
 from ldm_jax.diffusion import schedules
-from ldm_jax.diffusion.process import mean_flat
+from ldm_jax.diffusion.process import mean_flat, training_draws
 from ldm_jax.errors import check
 
 PREDICTIONS = ("epsilon", "v", "x0")
@@ -297,16 +297,14 @@ class GaussianDiffusion:
     log_var = jnp.full_like(x0, math.log(max(1.0 - abar_last, 1e-30)))
     return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
 
-  def loss(self, model_fn, x0, rng):
+  def loss(self, model_fn, x0, rng, draws=None):
     """Per-example (B,) training loss and metrics.
 
     L_simple (weighted per `loss_weighting`) on the prediction channels; with a learned
     variance, + λ·T·L_t where L_t (`vlb_terms`) sees the prediction through
     stop_gradient, so only the variance channels learn from it (improved DDPM §3.1).
     """
-    t_rng, n_rng = jax.random.split(rng)
-    t = self.sample_time(t_rng, x0.shape[0])
-    noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
+    t, noise = training_draws(self, rng, x0) if draws is None else draws
     x_t = self.add_noise(x0, noise, t)
     output = model_fn(x_t, self.model_time(t))
     channels = x0.shape[-1]

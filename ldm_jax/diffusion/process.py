@@ -5,10 +5,15 @@ Every process provides:
   model_time(t)                      the value fed to the denoiser's time embedding
   add_noise(x0, noise, t)            x_t
   target(x0, noise, t)               what the denoiser regresses
-  loss(model_fn, x0, rng)            per-example loss (B,) and the metrics dict
+  loss(model_fn, x0, rng, draws=None) per-example loss (B,) and the metrics dict; the
+                                     (t, ε) it trains on are `training_draws(process,
+                                     rng, x0)` unless `draws` gives them (gradient
+                                     accumulation draws once for the whole batch)
 where `model_fn(x_t, model_time) -> output` closes over params and conditioning.
 Samplers live in `samplers.py` and take a process and a model_fn.
 """
+
+import jax
 
 from ldm_jax.errors import check
 
@@ -29,3 +34,9 @@ def build_process(diffusion_config, image_size: int | None = None):
 def mean_flat(x):
   """Mean over all axes but the batch axis."""
   return x.reshape(x.shape[0], -1).mean(axis=1)
+
+
+def training_draws(process, rng, x0):
+  """The (t, ε) a process's training loss draws from `rng` for the batch `x0`."""
+  t_rng, n_rng = jax.random.split(rng)
+  return process.sample_time(t_rng, x0.shape[0]), jax.random.normal(n_rng, x0.shape, x0.dtype)

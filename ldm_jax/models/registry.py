@@ -20,6 +20,10 @@ MODEL_FILES = {
 CONDITIONAL_MODELS = ("dit", "compact_unet")
 # Models trained with `config.task = "classify"` (classifier guidance).
 CLASSIFIER_MODELS = ("noisy_classifier",)
+# Precision / memory knobs of config.model and their "off" values: a model without the
+# field ignores the knob only while it is off; set, it is an error (never silently ignored).
+KNOB_DEFAULTS = {"dtype": "float32", "qk_norm": False, "attention": "xla", "remat": "none",
+                 "scan_layers": False}
 
 
 def model_module(name: str):
@@ -61,8 +65,17 @@ def variant_kwargs(module_class, variants: dict, model_config, overrides: dict) 
   check(model_config.variant in variants,
         f"unknown {model_config.name} variant {model_config.variant!r}; valid: {sorted(variants)}")
   fields = {f.name for f in dataclasses.fields(module_class)} - {"parent", "name"}
+  for knob, default in KNOB_DEFAULTS.items():
+    value = model_config.get(knob, default)
+    check(knob in fields or value == default,
+          f"model.{knob}={value!r} is not available for model.name={model_config.name!r} "
+          f"(it has no such option); leave it at {default!r} or use a model that has it (dit)")
   kwargs = dict(variants[model_config.variant])
   kwargs.update({k: (tuple(v) if isinstance(v, list) else v)
                  for k, v in model_config.items() if k in fields})
   kwargs.update(overrides)
+  if "dtype" in kwargs:
+    from ldm_jax.models.layers import compute_dtype
+    kwargs["dtype"] = compute_dtype(kwargs["dtype"])
   return kwargs
+

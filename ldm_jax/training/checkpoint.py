@@ -20,13 +20,34 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def _wait_until_quiet(buffer: io.StringIO, quiet_s: float = 0.5, at_most_s: float = 5.0):
+  """Returns once nothing was written to `buffer` for `quiet_s` seconds (or after
+  `at_most_s`)."""
+  deadline, size, quiet_since = time.time() + at_most_s, -1, time.time()
+  while time.time() < deadline:
+    if len(buffer.getvalue()) != size:
+      size, quiet_since = len(buffer.getvalue()), time.time()
+    elif time.time() - quiet_since >= quiet_s:
+      return
+    time.sleep(0.1)
+
+
 class Checkpointer:
   """Saves / restores {state, data_iter, config} composites every `every_steps`."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False,
+               keep_every: int = 0):
+    """Keeps the newest `max_to_keep` checkpoints and, with `keep_every` = K > 0, also
+    every one whose step is a multiple of K. Saves are asynchronous: a step directory
+    appears (atomically renamed from a temporary one) only once complete."""
     self.directory = checkpoint_dir(workdir)
+    check(max_to_keep >= 1, f"ckpt.max_to_keep must be >= 1, got {max_to_keep}")
+    check(keep_every >= 0, f"ckpt.keep_every_steps must be >= 0, got {keep_every}")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           read_only=read_only)
+                                           read_only=read_only, keep_period=keep_every or None,
+                                           enable_async_checkpointing=True,
+                                           # leftovers of a write cut short by a crash
+                                           cleanup_tmp_directories=not read_only)
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
                 "data_iter": grain.checkpoint.CheckpointHandler()}
@@ -62,7 +83,7 @@ class Checkpointer:
       state = restored["state"]
       jax.block_until_ready(state)
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
-      time.sleep(0.5)  # let the failing background reads finish printing into the buffer
+      _wait_until_quiet(sys.stderr)  # the failing background reads print for a while
       sys.stderr = held
       others = [s for s in self.all_steps() if s != step]
       raise UserError(

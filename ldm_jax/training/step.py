@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.diffusion.process import training_draws
 from ldm_jax.errors import check
 from ldm_jax.models.registry import model_labels
 from ldm_jax.training.ema import ema_decay, ema_update
 from ldm_jax.training.train_state import TrainState
 
 TASKS = ("denoise", "classify")
+NAN_POLICIES = ("stop", "skip")
 
 
 def to_model_range(images_uint8):
@@ -33,16 +35,8 @@ def classifier_loss(logits, labels):
   return per_example, {"loss": per_example.mean(), "accuracy": accuracy}
 
 
-def noisy_inputs(process, x0, rng):
-  """(x_t, model_time) at times and noise drawn as the process's training loss draws them."""
-  t_rng, n_rng = jax.random.split(rng)
-  t = process.sample_time(t_rng, x0.shape[0])
-  noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
-  return process.add_noise(x0, noise, t), process.model_time(t)
-
-
 def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedule=None,
-                    task: str = "denoise"):
+                    task: str = "denoise", grad_accum_steps: int = 1, nan_policy: str = "stop"):
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   Args:
@@ -53,37 +47,78 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedul
     ema_warmup: ramp the EMA decay in early steps.
     lr_schedule: optional step -> learning rate, reported in the metrics.
     task: "denoise" or "classify" (see the module docstring).
+    grad_accum_steps: k > 1 runs the global batch as k micro-batches in a lax.scan and
+      applies one update with their mean gradient. The (t, ε) draws are made once for
+      the whole batch, so with no label dropout the update equals k = 1's.
+    nan_policy: "stop" (the host stops the run; see train.py) or "skip": a step with a
+      non-finite loss or gradient applies no update (metric `skipped` = 1).
   """
   check(task in TASKS, f"unknown task {task!r}; valid: {list(TASKS)}")
+  check(nan_policy in NAN_POLICIES,
+        f"unknown optim.nan_policy {nan_policy!r}; valid: {list(NAN_POLICIES)}")
+  check(grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+  def loss_fn(params, x0, labels, draws, dropout_rng):
+    """Mean loss of one (micro-)batch and its metrics, given the (t, ε) draws."""
+    t, noise = draws
+    if task == "classify":
+      x_t = process.add_noise(x0, noise, t)
+      logits = model.apply({"params": params}, x_t, process.model_time(t), train=True)
+      per_example, metrics = classifier_loss(logits, labels)
+      return per_example.mean(), metrics
+
+    def model_fn(x_t, model_time):
+      return model.apply({"params": params}, x_t, model_time, model_labels(model, labels),
+                         train=True, rngs={"label_dropout": dropout_rng})
+    per_example, metrics = process.loss(model_fn, x0, None, draws=draws)
+    return per_example.mean(), metrics
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def gradients(params, x0, labels, draws, dropout_rng):
+    if grad_accum_steps == 1:
+      return grad_fn(params, x0, labels, draws, dropout_rng)
+    k = grad_accum_steps
+    # Micro-batch i takes rows i, i+k, i+2k, ...: each device's contiguous shard of the
+    # batch feeds every micro-batch, so no rows move between devices.
+    micro = jax.tree_util.tree_map(
+        lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1),
+        (x0, labels, draws))
+
+    def accumulate(total, inputs):
+      i, (x0_i, labels_i, draws_i) = inputs
+      grads, metrics = grad_fn(params, x0_i, labels_i, draws_i,
+                               jax.random.fold_in(dropout_rng, i))
+      return jax.tree_util.tree_map(jnp.add, total, (grads, metrics)), None
+
+    zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, params, *jax.tree_util.tree_map(
+            lambda a: a[0], micro), dropout_rng))
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    return jax.tree_util.tree_map(lambda a: a / k, total)
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss_rng, dropout_rng = jax.random.split(step_rng)
     x0 = to_model_range(batch["image"])
-    labels = batch["label"]
-
-    def loss_fn(params):
-      if task == "classify":
-        x_t, model_time = noisy_inputs(process, x0, loss_rng)
-        logits = model.apply({"params": params}, x_t, model_time, train=True)
-        per_example, metrics = classifier_loss(logits, labels)
-        return per_example.mean(), metrics
-
-      def model_fn(x_t, model_time):
-        return model.apply({"params": params}, x_t, model_time, model_labels(model, labels),
-                           train=True, rngs={"label_dropout": dropout_rng})
-      per_example, metrics = process.loss(model_fn, x0, loss_rng)
-      return per_example.mean(), metrics
-
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    draws = training_draws(process, loss_rng, x0)
+    grads, metrics = gradients(state.params, x0, batch["label"], draws, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema, ema_warmup)
+    ema_params = ema_update(state.ema_params, params, decay)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if nan_policy == "skip":
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+          lambda a, b: jnp.where(finite, a, b), new, old)
+      params, opt_state, ema_params = keep((params, opt_state, ema_params),
+                                           (state.params, state.opt_state, state.ema_params))
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     if lr_schedule is not None:
       metrics["learning_rate"] = lr_schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_update(state.ema_params, params, decay))
+                              ema_params=ema_params)
     return new_state, metrics
 
   return train_step

@@ -1,0 +1,100 @@
+"""Everything one training step needs, built from a config: model, process,
+optimizer, mesh, logical rules, shardings, the abstract state and the step function.
+
+Shared by training (`train.py`) and ahead-of-time compilation (`aot.py`), so the
+step compiled for a TPU topology is the step that trains.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax import run_config
+from ldm_jax.diffusion import build_process
+from ldm_jax.errors import check
+from ldm_jax.models import build_model
+from ldm_jax.training import sharding
+from ldm_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from ldm_jax.training.step import make_train_step
+from ldm_jax.training.train_state import create_state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+  """The pieces of a training run that do not touch files or data."""
+  config: Any
+  task: str
+  model: Any
+  process: Any
+  tx: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  batch_sharding: jax.sharding.NamedSharding
+  state_shardings: Any
+  abstract_state: Any       # ShapeDtypeStructs carrying their shardings
+  step_fn: Callable         # (state, batch) -> (state, metrics), traced under the rules
+
+  def jit_step(self):
+    """The step jitted with the state's and batch's shardings, the state donated."""
+    return jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+  def init_state(self):
+    """The initial state, born sharded (jitted init with out_shardings)."""
+    with jax.set_mesh(self.mesh):
+      state, _ = create_state(self.model, self.tx, self.config.data, self.config.seed,
+                              self.mesh, self.rules)
+    return state
+
+  def batch_struct(self) -> dict:
+    """ShapeDtypeStructs of one global batch (uint8 images, int32 labels)."""
+    data = self.config.data
+    size = (data.batch_size, data.image_size, data.image_size, data.channels)
+    return {"image": jax.ShapeDtypeStruct(size, jnp.uint8, sharding=self.batch_sharding),
+            "label": jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=self.batch_sharding)}
+
+
+def build_training(config, devices=None) -> TrainingSetup:
+  """A `TrainingSetup` for `config` on `devices` (default: all of this run's devices;
+  a TPU topology's devices for ahead-of-time compilation). Every check that can fail
+  on the config runs here, before anything is written."""
+  run_config.validate(config)
+  task = run_config.task_of(config)
+  model = build_model(config.model, input_size=config.data.image_size,
+                      in_channels=config.data.channels, num_classes=config.data.num_classes)
+  process = build_process(config.diffusion, config.data.image_size)
+  tx = make_optimizer(config.optim, config.num_train_steps)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules(config.mesh, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  sharding.check_batch_divisible(config.data.batch_size, batch_sharding)
+  # Abstract only, outside `jax.set_mesh`: the mesh may hold a TPU topology's devices
+  # (ahead-of-time compilation), on which nothing can be placed.
+  abstract_state, state_shardings = create_state(model, tx, config.data, config.seed, mesh,
+                                                 rules, materialize=False)
+  sharding.check_replication(abstract_state.params, state_shardings.params, mesh,
+                             int(config.mesh.get("max_replicated_size", 1 << 20)))
+  accum = int(config.optim.get("grad_accum_steps", 1))
+  check(accum >= 1, f"optim.grad_accum_steps must be >= 1, got {accum}")
+  ways = sharding.data_parallel_ways(batch_sharding)
+  check(config.data.batch_size % (accum * ways) == 0,
+        f"data.batch_size={config.data.batch_size} must be a multiple of optim.grad_accum_steps "
+        f"({accum}) x the {ways} data-parallel devices = {accum * ways}, so that every "
+        f"micro-batch splits evenly over the devices")
+  raw_step = make_train_step(model, process, tx, config.optim.ema_decay,
+                             config.optim.ema_warmup,
+                             learning_rate_schedule(config.optim, config.num_train_steps),
+                             task=task, grad_accum_steps=accum,
+                             nan_policy=config.optim.get("nan_policy", "stop"))
+
+  def step_fn(state, batch):
+    with nn.logical_axis_rules(rules):  # activation constraints resolve while tracing
+      return raw_step(state, batch)
+
+  return TrainingSetup(config=config, task=task, model=model, process=process, tx=tx,
+                       mesh=mesh, rules=rules, batch_sharding=batch_sharding,
+                       state_shardings=state_shardings, abstract_state=abstract_state,
+                       step_fn=step_fn)
