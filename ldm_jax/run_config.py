@@ -108,10 +108,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# Model keys that change how the step computes, not what the state holds: a run may
+# resume with other values (e.g. remat on a smaller machine).
+EXECUTION_ONLY = ("model.remat", "model.attention", "model.dtype")
+
+
 def _with_task(flat: dict) -> dict:
-  """A flattened config with `task` filled in: configs written before tasks existed
-  are denoisers."""
-  return {"task": "denoise", **flat}
+  """A flattened config with `task` and the model knobs filled in: configs written
+  before tasks / knobs existed are denoisers with the knobs off."""
+  from ldm_jax.models.registry import KNOB_DEFAULTS
+  knobs = {f"model.{k}": v for k, v in KNOB_DEFAULTS.items()}
+  return {"task": "denoise", **knobs, **flat}
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -125,6 +132,7 @@ def incompatible_keys(saved: dict, config: ml_collections.ConfigDict) -> list[st
   keys = sorted(set(old) | set(new), key=lambda k: (k != "task", k))  # the task first
   return [k for k in keys
           if any(k == p or k.startswith(p + ".") for p in STATE_DEFINING)
+          and k not in EXECUTION_ONLY
           and old.get(k, "<absent>") != new.get(k, "<absent>")]
 
 

@@ -195,3 +195,15 @@ def test_sigterm_to_every_process_stops_all_after_the_same_step(tmp_path):
       if p.poll() is None:
         p.kill()
       p.wait()
+
+
+def test_tpu_vm_abort_is_not_blamed_on_the_coordinator():
+  """On TPU VMs (LDM_JAX_DISTRIBUTED=auto) this process's index is unknown to the
+  watcher: the line must not claim process 0 died (this may be process 0)."""
+  from ldm_jax import peer_watch
+  text = "F0000 Terminating process because the JAX distributed service detected fatal errors"
+  line = peer_watch.explain(text, "?", "?", "the TPU coordinator", "60", "300", "/w")
+  assert line.startswith("a peer process died or stopped responding, so this process "
+                         "stopped too"), line
+  assert "restart all processes" in line
+  assert peer_watch.explain("Traceback: ValueError", "?", "?", "c", "60", "300", "/w") is None
