@@ -181,7 +181,8 @@ def compile_step(config, devices) -> dict:
     setup = build_training(config, devices=devices)
     start = time.perf_counter()
     with jax.set_mesh(setup.mesh):
-      lowered = setup.jit_step().lower(setup.abstract_state, setup.batch_struct())
+      lowered = setup.jit_step().lower(setup.abstract_state, setup.batch_struct(),
+                                        setup.frozen_abstract())
   lower_seconds = time.perf_counter() - start
   start = time.perf_counter()
   try:

@@ -1,7 +1,12 @@
 """Entry point.
 
   python -m ldm_jax.main --config=configs/quickstart.py[:preset] --workdir=DIR \
-      [--mode=train|sample|bpd] [--config.a.b=value ...]
+      [--mode=train|sample|bpd|cache_latents] [--config.a.b=value ...]
+
+  --mode=cache_latents --cache_dir=DIR   encodes config.data with the autoencoder of
+      the autoencode run in --workdir into a new latent cache DIR (ldm_jax/first_stage.py)
+  --mode=export --export=PATH [--export_format=diffusers|ldm]   writes the autoencoder of
+      the autoencode run in --workdir as a diffusers folder or an LDM-layout .safetensors
 
 A mistake the user can fix (bad config value, bad workdir, damaged checkpoint)
 ends with one line `error: ...` and exit status 2; nothing is overwritten.
@@ -20,11 +25,16 @@ from ml_collections import config_flags
 from ldm_jax.distributed import initialize_distributed
 from ldm_jax.errors import UserError
 
-MODES = ("train", "sample", "bpd")
+MODES = ("train", "sample", "bpd", "cache_latents", "export")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:preset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _MODE = flags.DEFINE_string("mode", "train", f"One of {MODES}.")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "--mode=cache_latents: the new latent cache directory to write.")
+_EXPORT = flags.DEFINE_string("export", None, "--mode=export: the new folder / file to write.")
+_EXPORT_FORMAT = flags.DEFINE_string("export_format", "diffusers",
+                                     "--mode=export: diffusers (a folder) or ldm (.safetensors).")
 FLAGS = flags.FLAGS
 _CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "jax_cache"),
@@ -132,6 +142,21 @@ def main(argv):
     elif _MODE.value == "sample":
       from ldm_jax.sample import sample_from_workdir
       sample_from_workdir(config, _WORKDIR.value)
+    elif _MODE.value == "export":
+      from ldm_jax import run_config
+      from ldm_jax.first_stage import export_first_stage
+      if not _EXPORT.value:
+        raise UserError("--mode=export needs --export=PATH (a new folder, or a .safetensors "
+                        "file with --export_format=ldm)")
+      saved = run_config.read_saved_config(_WORKDIR.value)
+      if saved is not None and "task" in saved:  # an ldm_jax run (not a diffusers folder)
+        run_config.check_compatible(saved, config, _WORKDIR.value)
+      out = export_first_stage(_WORKDIR.value, _EXPORT.value, _EXPORT_FORMAT.value,
+                               use_ema=bool(config.get("eval", {}).get("use_ema", False)))
+      logging.getLogger("ldm_jax").info("wrote %s", out)
+    elif _MODE.value == "cache_latents":
+      from ldm_jax.first_stage import cache_latents
+      cache_latents(config, _WORKDIR.value, _CACHE_DIR.value or "")
     else:
       from ldm_jax.evaluation.likelihood import bpd_from_workdir
       bpd_from_workdir(config, _WORKDIR.value)

@@ -13,11 +13,16 @@ CONFIG_FILE = "config.json"
 # Sections / keys that define the checkpointed state; changing them breaks a resume.
 # (optim.grad_clip changes the optimizer-state structure; the learning rate does not.)
 # `task` (denoise | classify) decides what the params are; absent (older runs) = denoise.
+# autoencode: the discriminator's shape and its optimizer's clipping too.
 STATE_DEFINING = ("task", "model", "diffusion", "data.image_size", "data.channels",
-                  "data.num_classes", "optim.grad_clip")
+                  "data.num_classes", "optim.grad_clip", "disc_optim.grad_clip",
+                  "loss.disc_layers", "loss.disc_channels", "loss.disc_norm")
 
 
-TASKS = ("denoise", "classify")
+# denoise: a denoiser on images or cached latents; classify: a noisy classifier
+# (classifier guidance); autoencode: an LDM first stage (KL / VQ + LPIPS + PatchGAN).
+TASKS = ("denoise", "classify", "autoencode")
+AUTOENCODER_MODELS = ("vae",)
 
 
 def task_of(config) -> str:
@@ -31,11 +36,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Fails with a UserError naming the first invalid value."""
   check(config.num_train_steps >= 0, f"num_train_steps must be >= 0, got {config.num_train_steps}")
   check(config.data.batch_size > 0, f"data.batch_size must be > 0, got {config.data.batch_size}")
+  check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
+  check(config.log_every_steps > 0, f"log_every_steps must be > 0, got {config.log_every_steps}")
+  task = task_of(config)
+  is_autoencoder = config.model.name in AUTOENCODER_MODELS
+  check(is_autoencoder == (task == "autoencode"),
+        f"task={task!r} with model.name={config.model.name!r}: task 'autoencode' trains an "
+        f"autoencoder {list(AUTOENCODER_MODELS)}, and an autoencoder is trained only by it")
+  if task == "autoencode":
+    check(config.data.source != "latents", "task 'autoencode' trains on images; "
+          "data.source='latents' (a latent cache) is for denoisers")
+    return  # no sampler / process; the loss section is checked when the step is built
   check(config.sample.num > 0, f"sample.num must be > 0, got {config.sample.num}")
   check(config.sample.batch_size > 0,
         f"sample.batch_size must be > 0, got {config.sample.batch_size}")
-  check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
-  check(config.log_every_steps > 0, f"log_every_steps must be > 0, got {config.log_every_steps}")
   guidance = config.sample.get("guidance_scale", 1.0)
   conditional = config.model.get("class_conditional", True)
   check(conditional or guidance == 1.0,
@@ -45,7 +59,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"sample.guidance_scale={guidance} needs the null class, which only exists with "
         f"model.class_dropout_prob > 0 (got {config.model.get('class_dropout_prob')}); "
         f"set guidance_scale=1.0 or train with class dropout")
-  task = task_of(config)
   from ldm_jax.models.registry import CLASSIFIER_MODELS
   is_classifier = config.model.name in CLASSIFIER_MODELS
   check(is_classifier == (task == "classify"),

@@ -26,9 +26,13 @@ def to_uint8(images):
   return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def make_sample_fn(model, process, data_config, sample_config, classifier=None):
-  """A jitted `(params, labels (B,), key, classifier_params=None) -> uint8 images
-  (B, H, W, C)`.
+def make_sample_fn(model, process, data_config, sample_config, classifier=None, decoder=None):
+  """A jitted `(params, labels (B,), key, classifier_params=None, decoder_params=None)
+  -> uint8 images (B, H, W, C)`.
+
+  With a `decoder` (the first-stage autoencoder module of a denoiser trained on a
+  latent cache; see ldm_jax/first_stage.py) the sampler runs in latent space and the
+  samples are decoded with `decoder_params` into images.
 
   Classifier-free guidance (`sample.guidance_scale`, `guidance_rescale`,
   `guidance_interval`) is folded into the model function; with a `classifier` module
@@ -40,7 +44,7 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None):
   classifier_scale = float(sample_config.get("classifier_scale", 0.0))
 
   @jax.jit
-  def sample_fn(params, labels, key, classifier_params=None):
+  def sample_fn(params, labels, key, classifier_params=None, decoder_params=None):
     def apply_fn(x, t, y):
       return model.apply({"params": params}, x, t, model_labels(model, y))
     model_fn = guided_model_fn(apply_fn, labels, model.null_class,
@@ -53,6 +57,9 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None):
       cond_fn = make_cond_fn(logits_fn(classifier, classifier_params), labels, classifier_scale)
     x = run_sampler(process, model_fn, (labels.shape[0],) + shape_hw, key, sample_config,
                     cond_fn=cond_fn)
+    if decoder is not None:
+      from ldm_jax.first_stage import decode_latents
+      x = decode_latents(decoder, decoder_params, x)
     return to_uint8(x)
 
   return sample_fn
@@ -73,7 +80,7 @@ def sample_labels(num: int, num_classes: int, given=()) -> np.ndarray:
 
 
 def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key,
-             classifier_params=None) -> np.ndarray:
+             classifier_params=None, decoder_params=None) -> np.ndarray:
   """Runs `sample_fn` over `labels` in fixed-size batches (the last one padded, so one
   compiled program serves every batch); returns uint8 (N, H, W, C)."""
   num = len(labels)
@@ -83,7 +90,7 @@ def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key,
     chunk = labels[b * batch_size:(b + 1) * batch_size]
     padded = np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk
     images = sample_fn(params, jnp.asarray(padded), jax.random.fold_in(key, b),
-                       classifier_params)
+                       classifier_params, decoder_params)
     out.append(to_host(images)[:len(chunk)])
     logger.info("sampling: batch %d/%d (%d/%d images)", b + 1, batches,
                 min((b + 1) * batch_size, num), num)
@@ -242,15 +249,19 @@ def sample_from_workdir(config, workdir: str) -> str:
   `config.sample.num` images and writes them to a new directory; returns its path."""
   model, process, mesh, params, step = restore_for_inference(config, workdir, "sample")
   classifier, classifier_params = load_classifier(config, process, mesh)
+  from ldm_jax.first_stage import decoder_for, source_is_mnist
+  stage = decoder_for(config)  # latent denoisers: the autoencoder that decodes samples
   with jax.set_mesh(mesh):
     labels = sample_labels(config.sample.num, config.data.num_classes, config.sample.labels)
-    sample_fn = make_sample_fn(model, process, config.data, config.sample, classifier)
+    sample_fn = make_sample_fn(model, process, config.data, config.sample, classifier,
+                               decoder=stage.model if stage else None)
     images = generate(sample_fn, params, labels, config.sample.batch_size,
-                      jax.random.key(config.sample.seed), classifier_params)
+                      jax.random.key(config.sample.seed), classifier_params,
+                      stage.params if stage else None)
   out_dir = unique_dir(os.path.join(workdir, "samples", output_name(step, config.sample)))
   write_outputs(out_dir, images, labels, columns=min(config.data.num_classes, 16))
   logger.info("wrote %d samples to %s", len(images), out_dir)
-  if config.sample.judge and config.data.source == "mnist":
+  if config.sample.judge and source_is_mnist(config.data):
     from ldm_jax.evaluation.mnist_judge import judge_samples
     report = judge_samples(images, labels, out_dir)
     logger.info("judge: %s", report)

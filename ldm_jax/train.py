@@ -4,6 +4,7 @@ Every model / process / data source is reached through the config; nothing here
 knows which. Sections follow the data path in ARCHITECTURE.md.
 """
 
+import functools
 import json
 import logging
 import os
@@ -99,6 +100,40 @@ def log_classifier_eval(model, process, params, config, step, writer, workdir):
                  {str(t): a for t, a in accuracy.items()}}, f, indent=2)
 
 
+def eval_images(config) -> np.ndarray:
+  """uint8 images a reconstruction is evaluated on: the held-out MNIST split for the
+  built-in data, else the first `eval.num_images` of `eval.split` of the source."""
+  from ldm_jax.data.pipeline import make_source
+  source = make_source(config.data, "heldout" if config.data.source == "mnist"
+                       else config.eval.get("split", "validation"))
+  count = min(len(source), int(config.eval.get("num_images", 500)))
+  return np.stack([source[i]["image"] for i in range(count)])
+
+
+def log_reconstruction_eval(model, state, frozen, config, step, writer, workdir):
+  """For task=autoencode: PSNR / SSIM / LPIPS (with weights) / codebook usage of
+  held-out reconstructions (EMA weights if eval.use_ema), TensorBoard scalars
+  `eval/*`, a grid (originals over reconstructions) and `reconstruction_eval.json`."""
+  from ldm_jax.training.autoencoder import reconstruction_metrics
+  images = eval_images(config)
+  params = state.ema_params if config.eval.get("use_ema", False) else state.params
+  metrics, recons = reconstruction_metrics(model, params, frozen, images)
+  writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+  logger.info("held-out reconstructions of %d images at step %d: %s", len(images), step,
+              ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+  shown = min(16, len(images))
+  grid = image_grid(np.concatenate([images[:shown], recons[:shown]]), shown)
+  writer.image(step, "reconstructions", grid)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
+        os.path.join(workdir, "grids", f"reconstructions_{step:07d}.png"))
+    with open(os.path.join(workdir, "reconstruction_eval.json"), "w") as f:
+      json.dump({"step": step, "num_images": len(images),
+                 "weights": "ema" if config.eval.get("use_ema", False) else "raw",
+                 **metrics}, f, indent=2)
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if present.
 
@@ -115,8 +150,12 @@ def _train_and_evaluate(config, workdir: str, preempted: "PreemptionFlag"):
   # -- 1. config (all of it checked before anything is written) and workdir ----
   setup = build_training(config)
   task, model, process, mesh = setup.task, setup.model, setup.process, setup.mesh
+  stage = None
   if task == "denoise":
     check_sample_config(process, config.sample)  # fail now, not after hours of training
+    from ldm_jax.first_stage import decoder_for
+    stage = decoder_for(config)  # latent denoisers: the autoencoder that decodes samples
+  frozen = setup.load_frozen()  # frozen networks the step reads (LPIPS), else {}
   nan_policy = config.optim.get("nan_policy", "stop")
   workdir = run_config.prepare_workdir(workdir)
   checkpointer = Checkpointer(workdir, config.ckpt.max_to_keep,
@@ -140,13 +179,22 @@ def _train_and_evaluate(config, workdir: str, preempted: "PreemptionFlag"):
       f.write(parameter_overview.get_parameter_overview(state.params, include_stats=False))
   logger.info("task %s, model %s/%s: %s parameters; process %s; mesh %s; starting at step %d "
               "of %d", task, config.model.name, config.model.variant,
-              f"{count_params(state.params):,}", config.diffusion.process, dict(mesh.shape),
+              f"{count_params(state.params):,}",
+              config.diffusion.process if process is not None else "-", dict(mesh.shape),
               start_step, config.num_train_steps)
 
   # -- 4. the jitted step and sampler -----------------------------------------
   train_step = setup.jit_step()
-  if task == "denoise":
-    sample_fn = make_sample_fn(model, process, config.data, config.sample)
+  if task == "autoencode":
+
+    def evaluate(state, step):
+      log_reconstruction_eval(model, state, frozen, config, step, writer, workdir)
+  elif task == "denoise":
+    sample_fn = make_sample_fn(model, process, config.data, config.sample,
+                               decoder=stage.model if stage else None)
+    if stage is not None:
+      sample_fn = functools.partial(
+          sample_fn, decoder_params=jax.device_put(stage.params, sharding.replicated(mesh)))
 
     def evaluate(state, step):
       log_sample_grid(sample_fn, state.ema_params, config, step, writer, workdir)
@@ -168,7 +216,7 @@ def _train_and_evaluate(config, workdir: str, preempted: "PreemptionFlag"):
     with jax.set_mesh(mesh):
       while step < stop_at:
         batch = sharding.put_batch(next(data_iter), setup.batch_sharding)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, frozen)
         pending.append(metrics)
         step += 1
         stopping = preempted.is_set(step)

@@ -65,3 +65,14 @@ def tree_snapshot(path):
       stat = os.stat(full)
       out[os.path.relpath(full, path)] = (stat.st_size, stat.st_mtime_ns, digest)
   return out
+
+
+def load_config(relative_path: str, preset: str = ""):
+  """`get_config(preset)` of a config file given relative to the repository root."""
+  import importlib.util
+  path = os.path.join(REPO, relative_path)
+  spec = importlib.util.spec_from_file_location(
+      "_cfg_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset or None)

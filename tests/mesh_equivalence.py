@@ -37,13 +37,16 @@ def train_steps(config, batches, mesh_shape, devices=None):
   config = config.copy_and_resolve_references()
   config.mesh.shape = tuple(mesh_shape)
   config.optim.eps = max(config.optim.eps, ADAM_EPS)
+  if "disc_optim" in config:  # task "autoencode": the discriminator's Adam too
+    config.disc_optim.eps = max(config.disc_optim.eps, ADAM_EPS)
   setup = build_training(config, devices=devices)
   state = setup.init_state()
   step = setup.jit_step()
+  frozen = setup.load_frozen()
   losses = []
   with jax.set_mesh(setup.mesh):
     for batch in batches:
-      state, metrics = step(state, sharding.put_batch(batch, setup.batch_sharding))
+      state, metrics = step(state, sharding.put_batch(batch, setup.batch_sharding), frozen)
       losses.append(metrics["loss"])
   return np.asarray(jax.device_get(losses)), jax.device_get(state.params), setup
 

@@ -140,7 +140,8 @@ def test_activation_constraints_reach_the_compiled_step():
   step runs under the config's rules), so they appear in the lowered program."""
   setup = build_training(dit_config(**{"mesh.shape": (2, 4, 1)}))
   with jax.set_mesh(setup.mesh):
-    text = setup.jit_step().lower(setup.abstract_state, setup.batch_struct()).as_text()
+    text = setup.jit_step().lower(setup.abstract_state, setup.batch_struct(),
+                                  setup.frozen_abstract()).as_text()
   assert text.count("@Sharding") >= 2 or text.count("sharding_constraint") >= 2
 
 
@@ -169,7 +170,7 @@ def test_nan_policy_skip_keeps_the_state_and_counts_the_step():
   bad = dict(good, image=good["image"].astype(np.float32))
   bad["image"][0, 0, 0, 0] = np.nan
   with jax.set_mesh(setup.mesh):
-    after_bad, metrics = step(state, sharding.put_batch(bad, setup.batch_sharding))
+    after_bad, metrics = step(state, sharding.put_batch(bad, setup.batch_sharding), {})
     assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     assert int(after_bad.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves((after_bad.params, after_bad.opt_state,
@@ -179,7 +180,7 @@ def test_nan_policy_skip_keeps_the_state_and_counts_the_step():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     after_good = after_bad
     for _ in range(2):  # optax's schedule counts applied updates: its first lr is 0
-      after_good, metrics = step(after_good, sharding.put_batch(good, setup.batch_sharding))
+      after_good, metrics = step(after_good, sharding.put_batch(good, setup.batch_sharding), {})
       assert float(metrics["skipped"]) == 0.0
     assert max_relative_difference(after_good.params, state.params) > 1e-4
 

@@ -2,7 +2,11 @@
 iterator whose state is saved in every checkpoint (exact resume mid-epoch).
 
 Batches are dicts {"image": uint8 (B, H, W, C), "label": int32 (B,)}; scaling to
-[-1, 1] happens inside the jitted step (uint8 is 4x cheaper to move).
+[-1, 1] happens inside the jitted step (uint8 is 4x cheaper to move). With
+`data.source = "latents"` (a cache written by `ldm_jax.data.latents.write_cache`,
+`data.latent_cache = DIR`) they are {"latent": float32 (B, h, w, c), "label"} plus
+"latent_std" for caches stored as mean_std; data.image_size / data.channels are then
+the latent's size and channels.
 """
 
 import grain
@@ -12,7 +16,7 @@ import numpy as np
 from ldm_jax.data import builtin
 from ldm_jax.errors import check
 
-SOURCES = ("mnist", "folder", "tfds")
+SOURCES = ("mnist", "folder", "tfds", "latents")
 
 
 class ArraySource:
@@ -29,7 +33,10 @@ class ArraySource:
 
 
 def make_source(data_config, split: str | None = None):
-  """The random-access source named by `config.data.source`."""
+  """The random-access source named by `config.data.source`.
+
+  A latent cache holds one encoded split: `split` does not apply to it.
+  """
   check(data_config.source in SOURCES,
         f"unknown data.source {data_config.source!r}; valid: {list(SOURCES)}")
   split = split or data_config.split
@@ -47,6 +54,15 @@ def make_source(data_config, split: str | None = None):
           f"data.folder {data_config.folder!r} has {len(source.classes)} class sub-folders "
           f"{source.classes[:10]}, but data.num_classes={data_config.num_classes}; set "
           f"data.num_classes={len(source.classes)}")
+    return source
+  if data_config.source == "latents":
+    from ldm_jax.data.latents import LatentCacheSource, check_cache
+    cache_dir = data_config.get("latent_cache", "")
+    check(bool(cache_dir), "data.source='latents' needs data.latent_cache=DIR, a directory "
+          "written by ldm_jax.data.latents.write_cache")
+    source = LatentCacheSource(cache_dir)
+    check_cache(source.manifest, latent_channels=data_config.channels,
+                latent_size=data_config.image_size, num_classes=data_config.num_classes)
     return source
   from ldm_jax.data.tfds import TfdsSource
   return TfdsSource(data_config.name, split, data_config.get("data_dir") or None,

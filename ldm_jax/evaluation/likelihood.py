@@ -97,6 +97,10 @@ def bpd_from_workdir(config, workdir: str) -> str:
   from ldm_jax.data.pipeline import make_source
   from ldm_jax.models.registry import model_labels
   from ldm_jax.sample import restore_for_inference, unique_dir
+  check(config.data.source != "latents",
+        "--mode=bpd bounds the likelihood of images under a pixel-space denoiser; this run "
+        "trains on a latent cache (data.source='latents'), whose bound would be in latent "
+        "units, not bits per image dimension")
 
   eval_config = config.eval
   split = eval_config.get("bpd_split", "heldout")

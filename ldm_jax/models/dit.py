@@ -28,6 +28,8 @@ VARIANTS = {
 VARIANTS.update({
     "DiT-tiny/2": dict(depth=2, hidden_size=64, num_heads=4, patch_size=2),
     "DiT-mnist/4": dict(depth=6, hidden_size=192, num_heads=6, patch_size=4),
+    # On 7x7 latents of the MNIST f4 autoencoders (configs/ldm_mnist.py): 49 tokens.
+    "DiT-mnist-latent/1": dict(depth=6, hidden_size=192, num_heads=6, patch_size=1),
 })
 # Activation rematerialisation of each block: "none", "full" (recompute everything)
 # or a `jax.checkpoint_policies` name (what the backward pass may keep).

@@ -14,6 +14,7 @@ MODEL_FILES = {
     "dit": "ldm_jax.models.dit",
     "compact_unet": "ldm_jax.models.compact_unet",
     "noisy_classifier": "ldm_jax.models.noisy_classifier",
+    "vae": "ldm_jax.models.vae",
 }
 # Models that take class labels as conditioning (the denoisers); `model.class_conditional
 # = False` builds them unconditional.

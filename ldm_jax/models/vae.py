@@ -61,6 +61,15 @@ VARIANTS = {
     "tiny-vq": dict(kind="vq", block_out_channels=(16, 32), layers_per_block=1,
                     latent_channels=3, embed_dim=3, num_embeddings=64, norm_groups=8,
                     attention_levels=(1,), scaling_factor=1.0, shift_factor=0.0),
+    # MNIST-sized f4 autoencoders for the CPU demonstrations (configs/vae_mnist.py):
+    # 28x28 digits -> 7x7 latents. Trained here, so no published scale: their latent
+    # caches use cache.scale="auto" (LDM's scale_by_std), recorded in the manifest.
+    "mnist-kl-f4": dict(kind="kl", block_out_channels=(32, 64, 64), layers_per_block=1,
+                        latent_channels=4, norm_groups=16, scaling_factor=1.0,
+                        shift_factor=0.0),
+    "mnist-vq-f4": dict(kind="vq", block_out_channels=(32, 64, 64), layers_per_block=1,
+                        latent_channels=4, embed_dim=4, num_embeddings=1024, norm_groups=16,
+                        scaling_factor=1.0, shift_factor=0.0),
 }
 
 
@@ -171,6 +180,9 @@ class Encoder(nn.Module):
     h = MidBlock(self.groups, self.mid_attention, self.dtype, self.attention,
                  name="mid_block")(h)
     h = nn.silu(group_norm(self.groups, name="conv_norm_out", epsilon=NORM_EPS)(h))
+    # The last layer's input, for LDM's adaptive GAN weight (apply with
+    # mutable=["intermediates"]; a no-op otherwise).
+    self.sow("intermediates", "conv_out_input", h)
     return conv(self.out_channels, 3, name="conv_out", dtype=self.dtype)(h)
 
 
@@ -197,6 +209,9 @@ class Decoder(nn.Module):
                           add_attention=(levels - 1 - i) in self.attention_levels,
                           dtype=self.dtype, attention=self.attention, name=f"up_blocks_{i}")(h)
     h = nn.silu(group_norm(self.groups, name="conv_norm_out", epsilon=NORM_EPS)(h))
+    # The last layer's input, for LDM's adaptive GAN weight (apply with
+    # mutable=["intermediates"]; a no-op otherwise).
+    self.sow("intermediates", "conv_out_input", h)
     return conv(self.out_channels, 3, name="conv_out", dtype=self.dtype)(h)
 
 
@@ -246,11 +261,16 @@ class VQOutput:
   """What the vector quantizer returns."""
   quantized: jax.Array  # (B, h, w, D) codebook vectors, straight-through gradient to z
   indices: jax.Array  # (B, h, w) int32 code of each position
-  loss: jax.Array  # () codebook_loss + beta * commitment_loss
+  loss: jax.Array  # () codebook_loss + beta * commitment_loss (EMA codebook: beta * commitment)
   codebook_loss: jax.Array  # () mean |sg(z) - e|^2, trains the codebook
   commitment_loss: jax.Array  # () mean |z - sg(e)|^2, trains the encoder
   perplexity: jax.Array  # () exp(entropy of code frequencies in the batch)
   usage: jax.Array  # () fraction of the codebook used in the batch
+  counts: jax.Array  # (K,) how many positions chose each code (no gradient)
+  sums: jax.Array  # (K, D) sum of the latents that chose each code (no gradient)
+
+
+CODEBOOK_UPDATES = ("loss", "ema")
 
 
 class VectorQuantizer(nn.Module):
@@ -260,16 +280,34 @@ class VectorQuantizer(nn.Module):
   The loss puts beta on the commitment term, as in the VQ-VAE paper; LDM / taming /
   diffusers' default "legacy" quantizer puts it on the codebook term instead. The
   forward value is the same, (1 + beta) * mse; only the gradients split differently.
+
+  codebook_update="ema" (VQ-VAE paper, appendix; Razavi et al. 2019) moves the
+  codebook by exponential moving averages of the assigned latents instead of the
+  codebook loss: parameters `ema_cluster_size` (K,) and `ema_embed_sum` (K, D) hold
+  the averages and receive no gradient; the training step applies
+  `ema_codebook_update` to them and to `embedding` after every update (see
+  ldm_jax/training/autoencoder.py). The loss is then beta * commitment only.
   """
   num_embeddings: int
   embed_dim: int
   beta: float = 0.25
+  codebook_update: str = "loss"
 
   def setup(self):
+    check(self.codebook_update in CODEBOOK_UPDATES, f"vector quantizer: unknown "
+          f"codebook_update {self.codebook_update!r}; valid: {list(CODEBOOK_UPDATES)}")
     k = 1.0 / self.num_embeddings
     init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -k, k)
     self.embedding = self.param("embedding", partitioned(init, ("codebook", None)),
                                 (self.num_embeddings, self.embed_dim), jnp.float32)
+    if self.codebook_update == "ema":
+      # Start the averages at "one latent equal to each initial code".
+      self.ema_cluster_size = self.param(
+          "ema_cluster_size", partitioned(nn.initializers.ones, ("codebook",)),
+          (self.num_embeddings,), jnp.float32)
+      self.ema_embed_sum = self.param(
+          "ema_embed_sum", partitioned(lambda key, shape, dtype: self.embedding, ("codebook", None)),
+          (self.num_embeddings, self.embed_dim), jnp.float32)
 
   def lookup(self, indices: jax.Array) -> jax.Array:
     """(...) int codes -> (..., D) codebook vectors."""
@@ -287,14 +325,35 @@ class VectorQuantizer(nn.Module):
     z_q = self.lookup(indices).reshape(z.shape)
     codebook_loss = jnp.mean((jax.lax.stop_gradient(z) - z_q) ** 2)
     commitment_loss = jnp.mean((z - jax.lax.stop_gradient(z_q)) ** 2)
-    counts = jnp.bincount(indices, length=self.num_embeddings)
+    # Per-code counts and latent sums without an (N, K) one-hot.
+    counts = jax.ops.segment_sum(jnp.ones_like(indices, jnp.float32), indices,
+                                 self.num_embeddings)
+    sums = jax.ops.segment_sum(jax.lax.stop_gradient(flat), indices, self.num_embeddings)
     probs = counts / indices.shape[0]
     perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
+    if self.codebook_update == "ema":
+      loss = self.beta * commitment_loss
+    else:
+      loss = codebook_loss + self.beta * commitment_loss
     return VQOutput(quantized=z + jax.lax.stop_gradient(z_q - z),  # straight-through
-                    indices=indices.reshape(z.shape[:-1]),
-                    loss=codebook_loss + self.beta * commitment_loss,
+                    indices=indices.reshape(z.shape[:-1]), loss=loss,
                     codebook_loss=codebook_loss, commitment_loss=commitment_loss,
-                    perplexity=perplexity, usage=jnp.mean(counts > 0))
+                    perplexity=perplexity, usage=jnp.mean(counts > 0), counts=counts,
+                    sums=sums)
+
+
+def ema_codebook_update(quantizer_params: dict, counts: jax.Array, sums: jax.Array,
+                        decay: float, epsilon: float = 1e-5) -> dict:
+  """One EMA codebook step (`codebook_update="ema"`): N <- d N + (1 - d) n,
+  S <- d S + (1 - d) sum(z), embedding = S / N~ with N~ Laplace-smoothed
+  ((N + eps) / (sum N + K eps) * sum N) so an unused code never divides by zero.
+  `counts` / `sums` are the batch's (VQOutput.counts / .sums, over all devices)."""
+  size = decay * quantizer_params["ema_cluster_size"] + (1.0 - decay) * counts
+  embed_sum = decay * quantizer_params["ema_embed_sum"] + (1.0 - decay) * sums
+  total = jnp.sum(size)
+  smoothed = (size + epsilon) / (total + size.shape[0] * epsilon) * total
+  return dict(quantizer_params, ema_cluster_size=size, ema_embed_sum=embed_sum,
+              embedding=embed_sum / smoothed[:, None])
 
 
 class _Autoencoder(nn.Module):
@@ -358,6 +417,12 @@ class _Autoencoder(nn.Module):
     return (Encoder(moments_channels, **shared, name="encoder"),
             Decoder(self.out_channels, **shared, name="decoder"))
 
+  def _check_images(self, x: jax.Array):
+    """Channel count here; the size (a multiple of f) is checked by the Encoder."""
+    check(x.ndim == 4 and x.shape[-1] == self.in_channels,
+          f"autoencoder encode: images of shape {tuple(x.shape)}, expected (B, H, W, "
+          f"{self.in_channels}) (in_channels of this autoencoder)")
+
   def _check_latents(self, z: jax.Array, channels: int):
     check(z.ndim == 4 and z.shape[-1] == channels,
           f"autoencoder decode: latents of shape {z.shape}, expected (B, h, w, {channels}) "
@@ -384,6 +449,7 @@ class AutoencoderKL(_Autoencoder):
 
   def encode(self, x: jax.Array) -> DiagonalGaussian:
     """Images (B, H, W, in_channels) in [-1, 1] -> posterior over (B, H/f, W/f, C)."""
+    self._check_images(x)
     moments = self.encoder(x)
     if self.use_quant_conv:
       moments = self.quant_conv(moments)
@@ -420,21 +486,25 @@ class VQModel(_Autoencoder):
     num_embeddings: codebook size K.
     embed_dim: codebook vector width D (quant_conv maps latent_channels -> D).
     beta: commitment weight.
+    codebook_update: "loss" (codebook loss, as LDM) or "ema" (moving averages; see
+      `VectorQuantizer`).
   """
   num_embeddings: int = 8192
   embed_dim: int = 3
   beta: float = 0.25
+  codebook_update: str = "loss"
 
   def setup(self):
     self.encoder, self.decoder = self._coders(self.latent_channels)
     self.quant_conv = conv(self.embed_dim, 1, name="quant_conv", dtype=self.dtype)
     self.quantize = VectorQuantizer(self.num_embeddings, self.embed_dim, self.beta,
-                                    name="quantize")
+                                    self.codebook_update, name="quantize")
     self.post_quant_conv = conv(self.latent_channels, 1, name="post_quant_conv",
                                 dtype=self.dtype)
 
   def encode(self, x: jax.Array) -> jax.Array:
     """Images (B, H, W, in) -> unquantised latents (B, H/f, W/f, embed_dim), float32."""
+    self._check_images(x)
     return self.quant_conv(self.encoder(x)).astype(jnp.float32)
 
   def _decode_quantized(self, z_q: jax.Array) -> jax.Array:
@@ -457,6 +527,20 @@ class VQModel(_Autoencoder):
 
 
 MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
+
+
+def inference_weights(params, config: dict) -> tuple[dict, dict]:
+  """(params, config) without training-only state: an EMA codebook's moving averages
+  (`ema_cluster_size`, `ema_embed_sum`) are dropped and `codebook_update` removed, so
+  the result is the plain VQModel every exporter and reader knows. Anything else is
+  returned unchanged."""
+  config = dict(config)
+  if config.pop("codebook_update", "loss") != "ema":
+    return params, config
+  params = dict(params)
+  params["quantize"] = {k: v for k, v in params["quantize"].items()
+                        if k not in ("ema_cluster_size", "ema_embed_sum")}
+  return params, config
 
 
 def make(config: dict) -> AutoencoderKL | VQModel:

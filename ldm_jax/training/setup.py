@@ -35,26 +35,57 @@ class TrainingSetup:
   batch_sharding: jax.sharding.NamedSharding
   state_shardings: Any
   abstract_state: Any       # ShapeDtypeStructs carrying their shardings
-  step_fn: Callable         # (state, batch) -> (state, metrics), traced under the rules
+  step_fn: Callable         # (state, batch, frozen) -> (state, metrics), traced under the rules
+  init_args: tuple = None   # dummy inputs of model.init (None: a denoiser's)
 
   def jit_step(self):
-    """The step jitted with the state's and batch's shardings, the state donated."""
-    return jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+    """The step jitted with the state's and batch's shardings, the state donated;
+    called as step(state, batch, frozen) with `frozen` from `load_frozen()`."""
+    replicated = sharding.replicated(self.mesh)
+    return jax.jit(self.step_fn,
+                   in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def init_state(self):
     """The initial state, born sharded (jitted init with out_shardings)."""
     with jax.set_mesh(self.mesh):
       state, _ = create_state(self.model, self.tx, self.config.data, self.config.seed,
-                              self.mesh, self.rules)
+                              self.mesh, self.rules, inputs=self.init_args)
     return state
 
+  def load_frozen(self):
+    """Frozen networks the step reads (the autoencode task's LDM-LPIPS), replicated on
+    the mesh; {} for the other tasks."""
+    if self.task != "autoencode":
+      return {}
+    from ldm_jax.training.autoencoder import load_frozen
+    return jax.device_put(load_frozen(self.config.loss), sharding.replicated(self.mesh))
+
   def batch_struct(self) -> dict:
-    """ShapeDtypeStructs of one global batch (uint8 images, int32 labels)."""
+    """ShapeDtypeStructs of one global batch: uint8 images and int32 labels, or for a
+    latent cache float32 latents (and their posterior std when the cache stores it)."""
     data = self.config.data
     size = (data.batch_size, data.image_size, data.image_size, data.channels)
-    return {"image": jax.ShapeDtypeStruct(size, jnp.uint8, sharding=self.batch_sharding),
-            "label": jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=self.batch_sharding)}
+    struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,  # noqa: E731
+                                                       sharding=self.batch_sharding)
+    batch = {"label": struct(size[:1], jnp.int32)}
+    if data.source != "latents":
+      return dict(batch, image=struct(size, jnp.uint8))
+    from ldm_jax.data.latents import read_manifest
+    batch["latent"] = struct(size, jnp.float32)
+    if read_manifest(data.get("latent_cache", ""))["store"] == "mean_std":
+      batch["latent_std"] = struct(size, jnp.float32)
+    return batch
+
+  def frozen_abstract(self):
+    """ShapeDtypeStructs of `load_frozen()`'s result (replicated), for lowering."""
+    if self.task != "autoencode":
+      return {}
+    from ldm_jax.training.autoencoder import frozen_struct
+    replicated = sharding.replicated(self.mesh)
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        frozen_struct(self.config.loss))
 
 
 def build_training(config, devices=None) -> TrainingSetup:
@@ -63,10 +94,19 @@ def build_training(config, devices=None) -> TrainingSetup:
   on the config runs here, before anything is written."""
   run_config.validate(config)
   task = run_config.task_of(config)
-  model = build_model(config.model, input_size=config.data.image_size,
-                      in_channels=config.data.channels, num_classes=config.data.num_classes)
-  process = build_process(config.diffusion, config.data.image_size)
-  tx = make_optimizer(config.optim, config.num_train_steps)
+  init_args = None
+  if task == "autoencode":
+    from ldm_jax.training import autoencoder
+    model = autoencoder.build_autoencoder_gan(config)
+    process = None
+    tx = autoencoder.make_autoencoder_optimizer(config, autoencoder.uses_ema_codebook(model))
+    data = config.data
+    init_args = (jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32),)
+  else:
+    model = build_model(config.model, input_size=config.data.image_size,
+                        in_channels=config.data.channels, num_classes=config.data.num_classes)
+    process = build_process(config.diffusion, config.data.image_size)
+    tx = make_optimizer(config.optim, config.num_train_steps)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh, mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -74,7 +114,7 @@ def build_training(config, devices=None) -> TrainingSetup:
   # Abstract only, outside `jax.set_mesh`: the mesh may hold a TPU topology's devices
   # (ahead-of-time compilation), on which nothing can be placed.
   abstract_state, state_shardings = create_state(model, tx, config.data, config.seed, mesh,
-                                                 rules, materialize=False)
+                                                 rules, materialize=False, inputs=init_args)
   sharding.check_replication(abstract_state.params, state_shardings.params, mesh,
                              int(config.mesh.get("max_replicated_size", 1 << 20)))
   accum = int(config.optim.get("grad_accum_steps", 1))
@@ -84,17 +124,25 @@ def build_training(config, devices=None) -> TrainingSetup:
         f"data.batch_size={config.data.batch_size} must be a multiple of optim.grad_accum_steps "
         f"({accum}) x the {ways} data-parallel devices = {accum * ways}, so that every "
         f"micro-batch splits evenly over the devices")
-  raw_step = make_train_step(model, process, tx, config.optim.ema_decay,
-                             config.optim.ema_warmup,
-                             learning_rate_schedule(config.optim, config.num_train_steps),
-                             task=task, grad_accum_steps=accum,
-                             nan_policy=config.optim.get("nan_policy", "stop"))
+  schedule = learning_rate_schedule(config.optim, config.num_train_steps)
+  nan_policy = config.optim.get("nan_policy", "stop")
+  if task == "autoencode":
+    check(accum == 1, f"optim.grad_accum_steps={accum}: gradient accumulation is not "
+          f"available for task 'autoencode' (the GAN's adaptive weight is per batch); use 1")
+    raw_step = autoencoder.make_autoencoder_step(
+        model, tx, autoencoder.LossConfig.from_config(config.loss), config.optim.ema_decay,
+        config.optim.ema_warmup, schedule, nan_policy=nan_policy)
+  else:
+    denoise_step = make_train_step(model, process, tx, config.optim.ema_decay,
+                                   config.optim.ema_warmup, schedule, task=task,
+                                   grad_accum_steps=accum, nan_policy=nan_policy)
+    raw_step = lambda state, batch, frozen: denoise_step(state, batch)  # noqa: E731
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, frozen):
     with nn.logical_axis_rules(rules):  # activation constraints resolve while tracing
-      return raw_step(state, batch)
+      return raw_step(state, batch, frozen)
 
   return TrainingSetup(config=config, task=task, model=model, process=process, tx=tx,
                        mesh=mesh, rules=rules, batch_sharding=batch_sharding,
                        state_shardings=state_shardings, abstract_state=abstract_state,
-                       step_fn=step_fn)
+                       step_fn=step_fn, init_args=init_args)

@@ -28,6 +28,19 @@ def to_model_range(images_uint8):
   return images_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
+def batch_inputs(batch, key):
+  """The clean model inputs x0 of a batch: images scaled to [-1, 1], or latents from a
+  latent cache (ldm_jax/data/latents.py) — with a stored posterior std, a fresh
+  z = mean + std * eps every step (LDM trains on posterior samples)."""
+  if "latent" not in batch:
+    return to_model_range(batch["image"])
+  latent = batch["latent"].astype(jnp.float32)
+  if "latent_std" in batch:
+    noise = jax.random.normal(jax.random.fold_in(key, 7), latent.shape, jnp.float32)
+    latent = latent + batch["latent_std"].astype(jnp.float32) * noise
+  return latent
+
+
 def classifier_loss(logits, labels):
   """Per-example cross-entropy (B,) and the metrics {loss, accuracy}."""
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -100,7 +113,7 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedul
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss_rng, dropout_rng = jax.random.split(step_rng)
-    x0 = to_model_range(batch["image"])
+    x0 = batch_inputs(batch, step_rng)
     draws = training_draws(process, loss_rng, x0)
     grads, metrics = gradients(state.params, x0, batch["label"], draws, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -23,25 +23,30 @@ def init_inputs(data_config, batch: int = 1):
           jnp.zeros((batch,), jnp.int32))
 
 
-def create_state(model, tx, data_config, seed: int, mesh, rules, materialize: bool = True):
+def create_state(model, tx, data_config, seed: int, mesh, rules, materialize: bool = True,
+                 inputs=None):
   """A TrainState born sharded: eval_shape -> logical shardings -> jit(init).
 
+  `inputs`: the dummy arguments `model.init` is called with (default: a denoiser's,
+  `init_inputs(data_config)`).
   Returns (state, shardings); with materialize=False the state is abstract
   (ShapeDtypeStructs carrying their shardings), e.g. as a restore target.
   """
   import flax.linen as nn
   from ldm_jax.training.sharding import replicated, shardings_from_boxed
+  if inputs is None:
+    inputs = init_inputs(data_config)
 
   def init(key):
     init_key, state_key = jax.random.split(key)
-    boxed = model.init({"params": init_key}, *init_inputs(data_config))["params"]
+    boxed = model.init({"params": init_key}, *inputs)["params"]
     params = nn.unbox(boxed)
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                       opt_state=tx.init(params), ema_params=params, rng=state_key)
 
   key = jax.random.key(seed)
   boxed_shapes = jax.eval_shape(
-      lambda k: model.init({"params": k}, *init_inputs(data_config))["params"], key)
+      lambda k: model.init({"params": k}, *inputs)["params"], key)
   param_shardings = shardings_from_boxed(boxed_shapes, mesh, rules)
   abstract = jax.eval_shape(init, key)
   # Optimizer-state leaves shaped like params follow the params; the rest replicate.
