@@ -20,23 +20,17 @@ Presets (`--config=configs/classifier_guidance.py:NAME`):
   tiny, tiny-classifier        seconds-long versions used by the tests
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from ldm_jax.errors import UserError
+from ldm_jax.run_config import load_sibling_config
 
 PRESETS = ("", "unconditional", "classifier", "tiny", "tiny-classifier")
 
 
-def _quickstart():
-  """configs/quickstart.py, loaded by path (this file may be given by any path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("_ldm_jax_quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _quickstart_config(preset: str):
+  """configs/quickstart.py's preset, loaded by path (this file may be given by any path)."""
+  return load_sibling_config(__file__, "quickstart.py", preset)
 
 
 def diffusion_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -58,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   classify = preset in ("classifier", "tiny-classifier")
   tiny = preset.startswith("tiny")
   # The quickstart's data (MNIST-5k), optimizer, mesh and checkpointing.
-  config = _quickstart().get_config("tiny" if tiny else "")
+  config = _quickstart_config("tiny" if tiny else "")
   config.task = "classify" if classify else "denoise"   # denoise | classify
   config.diffusion = diffusion_config(config)
 

@@ -25,23 +25,17 @@ Every section and key is the quickstart's (loaded by path), including its mesh
 rules; only values change here.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from ldm_jax.errors import UserError
+from ldm_jax.run_config import load_sibling_config
 
 PRESETS = ("", "tiny")
 
 
-def _quickstart():
-  """configs/quickstart.py, loaded by path (this file may be given by any path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("_ldm_jax_quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _quickstart_config(preset: str):
+  """configs/quickstart.py's preset, loaded by path (this file may be given by any path)."""
+  return load_sibling_config(__file__, "quickstart.py", preset)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise UserError(f"unknown preset {preset!r} for configs/dit_imagenet256.py; "
                     f"valid: {[p for p in PRESETS if p]} or none")
   tiny = preset == "tiny"
-  config = _quickstart().get_config("tiny" if tiny else "")
+  config = _quickstart_config("tiny" if tiny else "")
   config.num_train_steps = 400_000   # the paper's ablation length (Table 4)
   config.log_every_steps = 100
 

@@ -14,20 +14,10 @@ Set --config.data.latent_cache=DIR for another cache; --config.data.vae=PATH to
 decode with the autoencoder at a new location (its fingerprint must match the cache's).
 """
 
-import importlib.util
-import os
-
 from ldm_jax.errors import UserError
+from ldm_jax.run_config import load_sibling_config
 
 PRESETS = ("", "tiny")
-
-
-def _quickstart():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("_ldm_jax_quickstart", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str | None = None):
@@ -35,7 +25,7 @@ def get_config(arg: str | None = None):
   if preset not in PRESETS:
     raise UserError(f"unknown preset {preset!r} for configs/ldm_mnist.py; "
                     f"valid: {[p for p in PRESETS if p]} or none")
-  config = _quickstart().get_config("tiny" if preset == "tiny" else "dit")
+  config = load_sibling_config(__file__, "quickstart.py", "tiny" if preset == "tiny" else "dit")
   data = config.data
   data.source = "latents"
   data.latent_cache = "runs/mnist_latents"  # written by --mode=cache_latents

@@ -20,6 +20,7 @@ perceptual loss (LPIPS is not reported then).
 import ml_collections
 
 from ldm_jax.errors import UserError
+from ldm_jax.run_config import load_sibling_config
 
 PRESETS = ("", "vq", "vq_ema", "tiny", "tiny_vq")
 
@@ -36,17 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.max_steps_per_run = 0
 
-  config.data = data = ml_collections.ConfigDict()
-  data.source = "mnist"        # mnist | folder | tfds (image_size a multiple of f)
-  data.split = "train"
-  data.folder = ""
-  data.name = ""
-  data.data_dir = ""
-  data.image_size = 28
-  data.channels = 1
-  data.num_classes = 10
-  data.batch_size = 32
-  data.worker_count = 0
+  base = load_sibling_config(__file__, "quickstart.py")
+  config.data = data = base.data  # built-in MNIST, batch 32 (image_size a multiple of f)
 
   config.model = model = ml_collections.ConfigDict()
   model.name = "vae"
@@ -73,30 +65,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   loss.disc_channels = 32        # PatchGAN ndf (LDM: 64)
   loss.disc_norm = "batch"       # batch | group | none
 
-  config.optim = optim = ml_collections.ConfigDict()  # the autoencoder's
-  optim.learning_rate = 2e-3
-  optim.schedule = "cosine"
-  optim.warmup_steps = 100
-  optim.b1 = 0.5                 # LDM's Adam betas (0.5, 0.9) for both networks
+  config.optim = optim = base.optim  # the autoencoder's: the quickstart's AdamW recipe ...
+  optim.b1 = 0.5                 # ... with LDM's Adam betas (0.5, 0.9) for both networks
   optim.b2 = 0.9
-  optim.eps = 1e-8
-  optim.weight_decay = 0.0
-  optim.grad_clip = 1.0
-  optim.ema_decay = 0.999
-  optim.ema_warmup = True
-  optim.grad_accum_steps = 1
-  optim.nan_policy = "stop"
   config.disc_optim = optim.copy_and_resolve_references()  # the discriminator's
   config.disc_optim.learning_rate = 2e-3
 
-  config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.axes = ("data", "fsdp", "tensor")
-  mesh.shape = (-1, 1, 1)
-  mesh.rules = (("batch", ("dcn_data", "dcn_fsdp", "data", "fsdp")), ("embed", ("dcn_fsdp", "fsdp")),
-                ("mlp", "tensor"), ("heads", "tensor"), ("kv", ""), ("tokens", ""),
-                ("act_embed", ""), ("layers", ""), ("classes", ""), ("conv_in", ""),
-                ("conv_out", "tensor"), ("norm", ""), ("codebook", ""))
-  mesh.max_replicated_size = 1 << 20
+  config.mesh = mesh = base.mesh
+  mesh.rules = tuple(mesh.rules) + (("codebook", ""),)  # VQ codebook rows: replicated
 
   config.ckpt = ckpt = ml_collections.ConfigDict()
   ckpt.every_steps = 400

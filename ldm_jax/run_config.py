@@ -180,3 +180,26 @@ def write_config(workdir: str, config) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
+
+
+def load_sibling_config(config_file: str, name: str, preset: str | None = None):
+  """`get_config(preset)` of the config file `name` (e.g. "quickstart.py") in the same
+  directory as `config_file` (a config's own `__file__`): configs build on each other
+  by path, whatever path they were given by."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f"_ldm_jax_config_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def override(config, **dotted):
+  """Sets `config[a][b] = value` for each `a.b=value` (tests and notebooks)."""
+  for key, value in dotted.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

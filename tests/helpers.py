@@ -11,16 +11,7 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 def tiny_config(**overrides):
   """The quickstart's `tiny` preset with dotted-key overrides."""
-  sys.path.insert(0, REPO)
-  from configs import quickstart
-  config = quickstart.get_config("tiny")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config("configs/quickstart.py", "tiny", **overrides)
 
 
 def run_cli(*args, timeout=600):
@@ -67,12 +58,10 @@ def tree_snapshot(path):
   return out
 
 
-def load_config(relative_path: str, preset: str = ""):
-  """`get_config(preset)` of a config file given relative to the repository root."""
-  import importlib.util
-  path = os.path.join(REPO, relative_path)
-  spec = importlib.util.spec_from_file_location(
-      "_cfg_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset or None)
+def load_config(relative_path: str, preset: str = "", **overrides):
+  """`get_config(preset)` of a config file given relative to the repository root, with
+  dotted-key overrides ("optim.learning_rate"=...)."""
+  from ldm_jax.run_config import load_sibling_config, override
+  config = load_sibling_config(os.path.join(REPO, relative_path),
+                               os.path.basename(relative_path), preset or None)
+  return override(config, **overrides)

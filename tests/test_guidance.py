@@ -20,17 +20,8 @@ CONFIG = os.path.join(REPO, "configs", "classifier_guidance.py")
 
 def cg_config(preset="tiny", **overrides):
   """A configs/classifier_guidance.py preset with dotted-key overrides."""
-  import sys
-  sys.path.insert(0, REPO)
-  from configs import classifier_guidance
-  config = classifier_guidance.get_config(preset)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from tests.helpers import load_config
+  return load_config("configs/classifier_guidance.py", preset, **overrides)
 
 
 # -- classifier-free guidance --------------------------------------------------
