@@ -103,15 +103,20 @@ class LPIPS(nn.Module):
     check(min(x.shape[1:3]) >= MIN_SIZE,
           f"LPIPS (VGG16) needs images of at least {MIN_SIZE}x{MIN_SIZE}, got "
           f"{x.shape[1]}x{x.shape[2]}")
-    batch = x.shape[0]
-    both = jnp.concatenate([x, y], axis=0).astype(jnp.float32)
-    if both.shape[-1] == 1:
-      both = jnp.repeat(both, 3, axis=-1)
-    both = (both - jnp.asarray(SHIFT, jnp.float32)) / jnp.asarray(SCALE, jnp.float32)
-    taps = VGG16Features(name="vgg")(both)
-    total = jnp.zeros((batch,), jnp.float32)
-    for k, feats in enumerate(taps):
-      diff = (_unit(feats[:batch]) - _unit(feats[batch:])) ** 2
+    vgg = VGG16Features(name="vgg")
+
+    def taps(images):
+      images = images.astype(jnp.float32)
+      if images.shape[-1] == 1:
+        images = jnp.repeat(images, 3, axis=-1)
+      return vgg((images - jnp.asarray(SHIFT, jnp.float32)) / jnp.asarray(SCALE, jnp.float32))
+
+    # Two trunk calls (shared weights), not one on the concatenated pair: a gradient
+    # with respect to one image (the training step's reconstruction) then runs the VGG
+    # backward over that image only.
+    total = jnp.zeros((x.shape[0],), jnp.float32)
+    for k, (fx, fy) in enumerate(zip(taps(x), taps(y))):
+      diff = (_unit(fx) - _unit(fy)) ** 2
       head = nn.Conv(1, (1, 1), use_bias=False, name=f"lin{k}",
                      kernel_init=partitioned(_head_init, (None, None, "conv_in", "conv_out")))
       total = total + jnp.mean(head(diff), axis=(1, 2, 3))
