@@ -180,9 +180,6 @@ class Encoder(nn.Module):
     h = MidBlock(self.groups, self.mid_attention, self.dtype, self.attention,
                  name="mid_block")(h)
     h = nn.silu(group_norm(self.groups, name="conv_norm_out", epsilon=NORM_EPS)(h))
-    # The last layer's input, for LDM's adaptive GAN weight (apply with
-    # mutable=["intermediates"]; a no-op otherwise).
-    self.sow("intermediates", "conv_out_input", h)
     return conv(self.out_channels, 3, name="conv_out", dtype=self.dtype)(h)
 
 
