@@ -6,7 +6,9 @@
   --mode=cache_latents --cache_dir=DIR   encodes config.data with the autoencoder of
       the autoencode run in --workdir into a new latent cache DIR (ldm_jax/first_stage.py)
   --mode=export --export=PATH [--export_format=diffusers|ldm]   writes the autoencoder of
-      the autoencode run in --workdir as a diffusers folder or an LDM-layout .safetensors
+      the autoencode run in --workdir as a diffusers folder or an LDM-layout .safetensors;
+      for a text-to-image run (model.name=mmdit) the MM-DiT as a diffusers
+      SD3Transformer2DModel folder plus its text encoder (ldm_jax/pipelines/export.py)
 
 A mistake the user can fix (bad config value, bad workdir, damaged checkpoint)
 ends with one line `error: ...` and exit status 2; nothing is overwritten.
@@ -149,10 +151,17 @@ def main(argv):
         raise UserError("--mode=export needs --export=PATH (a new folder, or a .safetensors "
                         "file with --export_format=ldm)")
       saved = run_config.read_saved_config(_WORKDIR.value)
-      if saved is not None and "task" in saved:  # an ldm_jax run (not a diffusers folder)
-        run_config.check_compatible(saved, config, _WORKDIR.value)
-      out = export_first_stage(_WORKDIR.value, _EXPORT.value, _EXPORT_FORMAT.value,
-                               use_ema=bool(config.get("eval", {}).get("use_ema", False)))
+      if config.model.name == "mmdit":  # a text-to-image run: MM-DiT (+ its text encoder)
+        from ldm_jax.pipelines.export import export_text_to_image
+        if _EXPORT_FORMAT.value != "diffusers":
+          raise UserError(f"--export_format={_EXPORT_FORMAT.value!r}: a text-to-image run "
+                          "exports as diffusers / transformers folders only (diffusers)")
+        out = export_text_to_image(config, _WORKDIR.value, _EXPORT.value)
+      else:
+        if saved is not None and "task" in saved:  # an ldm_jax run (not a diffusers folder)
+          run_config.check_compatible(saved, config, _WORKDIR.value)
+        out = export_first_stage(_WORKDIR.value, _EXPORT.value, _EXPORT_FORMAT.value,
+                                 use_ema=bool(config.get("eval", {}).get("use_ema", False)))
       logging.getLogger("ldm_jax").info("wrote %s", out)
     elif _MODE.value == "cache_latents":
       from ldm_jax.first_stage import cache_latents

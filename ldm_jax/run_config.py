@@ -51,11 +51,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.sample.batch_size > 0,
         f"sample.batch_size must be > 0, got {config.sample.batch_size}")
   guidance = config.sample.get("guidance_scale", 1.0)
+  text = bool(config.data.get("tokenizer", ""))
+  check(not text or config.model.name == "mmdit",
+        f"data.tokenizer={config.data.get('tokenizer')!r} makes a text-to-image run, which "
+        f"needs model.name='mmdit' (got {config.model.name!r})")
+  check(text or config.model.name != "mmdit",
+        "model.name='mmdit' is text-conditioned: set data.tokenizer (e.g. 'shapes-words' with "
+        "data.source='shapes'; see configs/mmdit_256.py)")
+  if text:
+    check(guidance == 1.0 or config.model.get("text_dropout", 0.0) > 0,
+          f"sample.guidance_scale={guidance} needs a model trained with condition dropout "
+          f"(model.text_dropout > 0, got {config.model.get('text_dropout', 0.0)}); set "
+          f"guidance_scale=1.0 or train with text dropout")
+    check(config.data.num_classes == 0 and not tuple(config.sample.get("labels", ())),
+          "a text-to-image run (data.tokenizer set) has no classes: data.num_classes must be 0 "
+          "and sample.labels empty (prompts come from sample.prompts)")
   conditional = config.model.get("class_conditional", True)
-  check(conditional or guidance == 1.0,
+  check(text or conditional or guidance == 1.0,
         f"sample.guidance_scale={guidance} (classifier-free guidance) needs a class-conditional "
         f"denoiser, but model.class_conditional=False; set sample.guidance_scale=1.0")
-  check(guidance == 1.0 or config.model.get("class_dropout_prob", 0.1) > 0,
+  check(text or guidance == 1.0 or config.model.get("class_dropout_prob", 0.1) > 0,
         f"sample.guidance_scale={guidance} needs the null class, which only exists with "
         f"model.class_dropout_prob > 0 (got {config.model.get('class_dropout_prob')}); "
         f"set guidance_scale=1.0 or train with class dropout")

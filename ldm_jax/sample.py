@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data.text import is_text, null_condition, prompt_condition
 from ldm_jax.diffusion.classifier_guidance import check_guided_sampler, make_cond_fn
 from ldm_jax.diffusion.guidance import guided_model_fn
 from ldm_jax.diffusion.samplers import check_sample_config, run_sampler
@@ -28,7 +29,8 @@ def to_uint8(images):
 
 def make_sample_fn(model, process, data_config, sample_config, classifier=None, decoder=None):
   """A jitted `(params, labels (B,), key, classifier_params=None, decoder_params=None)
-  -> uint8 images (B, H, W, C)`.
+  -> uint8 images (B, H, W, C)`; for a text-to-image run the labels are its condition
+  dict ({"tokens": (B, L)}, see ldm_jax/data/text.py).
 
   With a `decoder` (the first-stage autoencoder module of a denoiser trained on a
   latent cache; see ldm_jax/first_stage.py) the sampler runs in latent space and the
@@ -42,12 +44,15 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None, 
   """
   shape_hw = (data_config.image_size, data_config.image_size, data_config.channels)
   classifier_scale = float(sample_config.get("classifier_scale", 0.0))
+  # The unconditional input of classifier-free guidance: the null class, or for a
+  # text-to-image model the empty prompt's condition.
+  null = null_condition(data_config) if is_text(data_config) else model.null_class
 
   @jax.jit
   def sample_fn(params, labels, key, classifier_params=None, decoder_params=None):
     def apply_fn(x, t, y):
       return model.apply({"params": params}, x, t, model_labels(model, y))
-    model_fn = guided_model_fn(apply_fn, labels, model.null_class,
+    model_fn = guided_model_fn(apply_fn, labels, null,
                                float(sample_config.guidance_scale),
                                int(sample_config.get("guided_channels", 0)) or data_config.channels,
                                rescale=float(sample_config.get("guidance_rescale", 0.0)),
@@ -55,7 +60,8 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None, 
     cond_fn = None
     if classifier is not None and classifier_params is not None and classifier_scale != 0:
       cond_fn = make_cond_fn(logits_fn(classifier, classifier_params), labels, classifier_scale)
-    x = run_sampler(process, model_fn, (labels.shape[0],) + shape_hw, key, sample_config,
+    batch = jax.tree_util.tree_leaves(labels)[0].shape[0]
+    x = run_sampler(process, model_fn, (batch,) + shape_hw, key, sample_config,
                     cond_fn=cond_fn)
     if decoder is not None:
       from ldm_jax.first_stage import decode_latents
@@ -63,6 +69,34 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None, 
     return to_uint8(x)
 
   return sample_fn
+
+
+def sample_prompts(config) -> list[str]:
+  """The prompts of `--mode=sample` for a text-to-image run: `sample.prompts` (a file,
+  one prompt per line), else for the built-in shapes the held-out prompts (never seen
+  verbatim in training): `sample.num` images, the first half cycling over the one-shape
+  prompts, the second half over the two-shape ones."""
+  path = config.sample.get("prompts", "")
+  if path:
+    from ldm_jax.data.shapes import read_prompts_file
+    return read_prompts_file(path)
+  check(config.data.source == "shapes", "sample.prompts: give a prompts file (one prompt per "
+        "line) to sample a text-to-image model")
+  from ldm_jax.data.shapes import heldout_prompts
+  one, two = heldout_prompts("one"), heldout_prompts("two")
+  num = int(config.sample.num)
+  return [one[i % len(one)] for i in range(num // 2)] + [two[i % len(two)]
+                                                          for i in range(num - num // 2)]
+
+
+def grid_prompts(config, count: int = 16) -> list[str]:
+  """The prompts of the training-time sample grid: the first `count` / 2 of each half of
+  `sample_prompts` (shapes: one-shape, then two-shape prompts)."""
+  prompts = sample_prompts(config)
+  half = len(prompts) // 2
+  if half < count // 2:
+    return prompts[:count]
+  return prompts[:count // 2] + prompts[half:half + count - count // 2]
 
 
 def to_host(images) -> np.ndarray:
@@ -83,15 +117,16 @@ def generate(sample_fn, params, labels: np.ndarray, batch_size: int, key,
              classifier_params=None, decoder_params=None) -> np.ndarray:
   """Runs `sample_fn` over `labels` in fixed-size batches (the last one padded, so one
   compiled program serves every batch); returns uint8 (N, H, W, C)."""
-  num = len(labels)
+  num = len(jax.tree_util.tree_leaves(labels)[0])
   out = []
   batches = -(-num // batch_size)
   for b in range(batches):
-    chunk = labels[b * batch_size:(b + 1) * batch_size]
-    padded = np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk
-    images = sample_fn(params, jnp.asarray(padded), jax.random.fold_in(key, b),
+    rows = np.resize(np.arange(b * batch_size, min((b + 1) * batch_size, num)), batch_size)
+    padded = jax.tree_util.tree_map(lambda a, rows=rows: jnp.asarray(np.asarray(a)[rows]),
+                                    labels)
+    images = sample_fn(params, padded, jax.random.fold_in(key, b),
                        classifier_params, decoder_params)
-    out.append(to_host(images)[:len(chunk)])
+    out.append(to_host(images)[:min(batch_size, num - b * batch_size)])
     logger.info("sampling: batch %d/%d (%d/%d images)", b + 1, batches,
                 min((b + 1) * batch_size, num), num)
   return np.concatenate(out)
@@ -106,10 +141,15 @@ def unique_dir(path: str) -> str:
   return candidate
 
 
-def write_outputs(out_dir: str, images: np.ndarray, labels: np.ndarray, columns: int):
-  """Writes grid.png and samples.npz into a new directory `out_dir`."""
+def write_outputs(out_dir: str, images: np.ndarray, labels, columns: int):
+  """Writes grid.png and samples.npz into a new directory `out_dir`: `arr_0` the
+  images and `arr_1` the int labels, or for prompts (a list of str) `prompts`."""
   os.makedirs(out_dir)
-  np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images, arr_1=labels.astype(np.int64))
+  if isinstance(labels, list):
+    np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images, prompts=np.asarray(labels))
+  else:
+    np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images,
+             arr_1=labels.astype(np.int64))
   grid = image_grid(images[:min(len(images), columns * columns)], columns)
   Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
       os.path.join(out_dir, "grid.png"))
@@ -252,16 +292,25 @@ def sample_from_workdir(config, workdir: str) -> str:
   from ldm_jax.first_stage import decoder_for, source_is_mnist
   stage = decoder_for(config)  # latent denoisers: the autoencoder that decodes samples
   with jax.set_mesh(mesh):
-    labels = sample_labels(config.sample.num, config.data.num_classes, config.sample.labels)
+    if is_text(config.data):
+      labels = sample_prompts(config)
+      cond = prompt_condition(config.data, labels)
+    else:
+      labels = cond = sample_labels(config.sample.num, config.data.num_classes,
+                                    config.sample.labels)
     sample_fn = make_sample_fn(model, process, config.data, config.sample, classifier,
                                decoder=stage.model if stage else None)
-    images = generate(sample_fn, params, labels, config.sample.batch_size,
+    images = generate(sample_fn, params, cond, config.sample.batch_size,
                       jax.random.key(config.sample.seed), classifier_params,
                       stage.params if stage else None)
   out_dir = unique_dir(os.path.join(workdir, "samples", output_name(step, config.sample)))
-  write_outputs(out_dir, images, labels, columns=min(config.data.num_classes, 16))
+  write_outputs(out_dir, images, labels, columns=8 if is_text(config.data)
+                else min(config.data.num_classes, 16))
   logger.info("wrote %d samples to %s", len(images), out_dir)
-  if config.sample.judge and source_is_mnist(config.data):
+  if config.sample.judge and config.data.source == "shapes":
+    from ldm_jax.evaluation.shapes_judge import judge_samples
+    logger.info("shapes judge: %s", judge_samples(images, labels, out_dir))
+  elif config.sample.judge and source_is_mnist(config.data):
     from ldm_jax.evaluation.mnist_judge import judge_samples
     report = judge_samples(images, labels, out_dir)
     logger.info("judge: %s", report)

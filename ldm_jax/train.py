@@ -23,7 +23,8 @@ from ldm_jax.data.pipeline import make_train_iterator
 from ldm_jax.diffusion.samplers import check_sample_config
 from ldm_jax.errors import UserError
 from ldm_jax.models import count_params
-from ldm_jax.sample import make_sample_fn, to_host
+from ldm_jax.data.text import is_text, prompt_condition
+from ldm_jax.sample import grid_prompts, make_sample_fn, to_host
 from ldm_jax.training import sharding
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.metrics import MetricWriter, Progress, image_grid
@@ -39,14 +40,28 @@ def grid_classes(num_classes: int, at_most: int = 16) -> np.ndarray:
 
 
 def log_sample_grid(sample_fn, params, config, step, writer, workdir):
-  """Samples `grid_per_class` images per class with EMA params; TensorBoard + PNG."""
-  per_class = config.eval.grid_per_class
-  classes = grid_classes(config.data.num_classes)
-  labels = np.repeat(classes, per_class).astype(np.int32)
-  images = to_host(sample_fn(params, labels, jax.random.key(config.sample.seed)))
-  # One column per class, one row per sample index.
-  grid = image_grid(images.reshape(len(classes), per_class, *images.shape[1:])
-                    .transpose(1, 0, 2, 3, 4).reshape(images.shape), len(classes))
+  """Samples `grid_per_class` images per class with EMA params (a text-to-image run:
+  one image for each of 16 sample prompts, scored by the shapes judge for the built-in
+  shapes); TensorBoard + PNG."""
+  if is_text(config.data):
+    prompts = grid_prompts(config)
+    images = to_host(sample_fn(params, prompt_condition(config.data, prompts),
+                               jax.random.key(config.sample.seed)))
+    grid = image_grid(images, 8)
+    if config.data.source == "shapes":
+      from ldm_jax.evaluation.shapes_judge import score
+      result = score(images, prompts)
+      writer.scalars(step, {"eval/shapes_accuracy": result["accuracy"]})
+      logger.info("shapes judge on %d grid samples at step %d: %.0f %% correct", len(images),
+                  step, 100 * result["accuracy"])
+  else:
+    per_class = config.eval.grid_per_class
+    classes = grid_classes(config.data.num_classes)
+    labels = np.repeat(classes, per_class).astype(np.int32)
+    images = to_host(sample_fn(params, labels, jax.random.key(config.sample.seed)))
+    # One column per class, one row per sample index.
+    grid = image_grid(images.reshape(len(classes), per_class, *images.shape[1:])
+                      .transpose(1, 0, 2, 3, 4).reshape(images.shape), len(classes))
   writer.image(step, "samples/ema", grid)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)

@@ -120,3 +120,23 @@ def test_mnist_needs_ten_classes():
 def test_bad_source_names_valid_ones():
   with pytest.raises(UserError, match="'imagenet'.*valid"):
     make_source(tiny_config(**{"data.source": "imagenet"}).data)
+
+
+def test_caption_folder_source(tmp_path):
+  from PIL import Image
+  from ldm_jax.data.folders import CaptionFolderSource
+  from ldm_jax.errors import UserError
+  (tmp_path / "sub").mkdir()
+  for i, where in enumerate([tmp_path, tmp_path / "sub"]):
+    Image.fromarray(np.full((20, 30, 3), 40 * (i + 1), np.uint8)).save(where / f"img{i}.png")
+    (where / f"img{i}.txt").write_text(f"  a photo\nnumber {i} \n", encoding="utf-8")
+  source = CaptionFolderSource(str(tmp_path), 16)
+  assert len(source) == 2
+  record = source[1]
+  assert record["image"].shape == (16, 16, 3) and record["caption"] == "a photo number 1"
+  assert int(record["image"][0, 0, 0]) == 80
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "orphan.png")
+  with pytest.raises(UserError, match="1 image\\(s\\) have no caption file.*orphan.png"):
+    CaptionFolderSource(str(tmp_path), 16)
+  with pytest.raises(UserError, match="is not a directory"):
+    CaptionFolderSource(str(tmp_path / "absent"), 16)

@@ -256,9 +256,11 @@ def diffusers_to_config(cfg: Mapping) -> dict:
         "supported; valid: 'silu'")
   check(cfg.get("norm_type", "group") == "group", f"{what}: norm_type {cfg.get('norm_type')!r}"
         " is not supported; valid: 'group'")
-  for key in ("latents_mean", "latents_std"):
-    check(cfg.get(key) is None, f"{what}: per-channel {key} is not supported (only scalar "
-          "scaling_factor / shift_factor); valid: null")
+  stats = [key for key in ("latents_mean", "latents_std") if cfg.get(key) is not None]
+  if stats:  # pipeline-level normalisation (e.g. Playground); the weights do not depend on it
+    logging.getLogger("ldm_jax").warning(
+        "%s: %s ignored: ldm_jax's autoencoder applies the scalar scaling_factor / "
+        "shift_factor only (diffusers' SD3 pipeline does the same)", what, stats)
   config = dict(kind=kind, in_channels=cfg.get("in_channels", 3),
                 out_channels=cfg.get("out_channels", 3), block_out_channels=widths,
                 layers_per_block=cfg.get("layers_per_block", 1),

@@ -51,3 +51,43 @@ class ImageFolderSource:
     path, label = self.items[index]
     return {"image": load_image(path, self.image_size, self.channels),
             "label": np.int32(label)}
+
+
+class CaptionFolderSource:
+  """Image + caption pairs: every image under `root` (recursively) with a UTF-8 `.txt`
+  of the same stem next to it (`photo.jpg` + `photo.txt`). `len()` / `[i]` ->
+  {"image": uint8 (size, size, channels), "caption": str}. An image without its
+  caption is an error naming it (no silent empty captions)."""
+
+  def __init__(self, root: str, image_size: int, channels: int = 3):
+    check(os.path.isdir(root), f"data.folder {root!r} is not a directory (expected images "
+          "with a .txt caption next to each: photo.jpg + photo.txt)")
+    self.items, missing = [], []
+    for directory, _, files in sorted(os.walk(root)):
+      names = set(files)
+      for file in sorted(files):
+        stem, ext = os.path.splitext(file)
+        if ext.lower() not in IMAGE_EXTENSIONS:
+          continue
+        caption = stem + ".txt"
+        if caption in names:
+          self.items.append((os.path.join(directory, file), os.path.join(directory, caption)))
+        else:
+          missing.append(os.path.join(directory, file))
+    check(not missing, f"data.folder {root!r}: {len(missing)} image(s) have no caption file, "
+          f"e.g. {missing[:3]} (each image needs STEM.txt next to it)")
+    check(self.items, f"data.folder {root!r} holds no images with extensions "
+          f"{IMAGE_EXTENSIONS} (and .txt captions)")
+    self.image_size, self.channels = image_size, channels
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def caption(self, index: int) -> str:
+    with open(self.items[index][1], encoding="utf-8") as f:
+      return " ".join(f.read().split())
+
+  def __getitem__(self, index: int) -> dict:
+    path, _ = self.items[index]
+    return {"image": load_image(path, self.image_size, self.channels),
+            "caption": self.caption(index)}

@@ -1,7 +1,8 @@
 """The Grain input pipeline: deterministic, seeded, sharded by process, with an
 iterator whose state is saved in every checkpoint (exact resume mid-epoch).
 
-Batches are dicts {"image": uint8 (B, H, W, C), "label": int32 (B,)}; scaling to
+Batches are dicts {"image": uint8 (B, H, W, C), "label": int32 (B,)} (text-to-image
+sources: "tokens" int32 (B, L) instead of "label"); scaling to
 [-1, 1] happens inside the jitted step (uint8 is 4x cheaper to move). With
 `data.source = "latents"` (a cache written by `ldm_jax.data.latents.write_cache`,
 `data.latent_cache = DIR`) they are {"latent": float32 (B, h, w, c), "label"} plus
@@ -16,7 +17,7 @@ import numpy as np
 from ldm_jax.data import builtin
 from ldm_jax.errors import check
 
-SOURCES = ("mnist", "folder", "tfds", "latents")
+SOURCES = ("mnist", "folder", "tfds", "latents", "shapes")
 
 
 class ArraySource:
@@ -55,6 +56,20 @@ def make_source(data_config, split: str | None = None):
           f"{source.classes[:10]}, but data.num_classes={data_config.num_classes}; set "
           f"data.num_classes={len(source.classes)}")
     return source
+  if data_config.source == "shapes":
+    from ldm_jax.data.shapes import CaptionedShapesSource
+    from ldm_jax.data.text import tokenizer_for
+    check(data_config.channels == 3 and data_config.num_classes == 0,
+          f"built-in captioned shapes are RGB and text-conditioned: data.channels must be 3 "
+          f"and data.num_classes 0; got {data_config.channels} and {data_config.num_classes}")
+    check(data_config.get("tokenizer", "") == "shapes-words",
+          f"data.source='shapes' needs data.tokenizer='shapes-words', got "
+          f"{data_config.get('tokenizer', '')!r}")
+    return CaptionedShapesSource(
+        data_config.image_size, int(data_config.get("num_examples", 100_000)),
+        seed=int(data_config.get("shapes_seed", 0)), split=split,
+        two_shape_fraction=float(data_config.get("two_shape_fraction", 0.5)),
+        tokenizer=tokenizer_for(data_config))
   if data_config.source == "latents":
     from ldm_jax.data.latents import LatentCacheSource, check_cache
     cache_dir = data_config.get("latent_cache", "")

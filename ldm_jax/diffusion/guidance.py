@@ -13,6 +13,7 @@ optional refinements:
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def rescale_guided(guided, cond, phi: float):
@@ -33,9 +34,24 @@ def in_interval(t, interval):
   return (t >= lo) & (t <= hi)
 
 
-def guided_model_fn(apply_fn, labels, null_label: int, scale: float, guided_channels: int,
+def null_condition(labels, null_label):
+  """The unconditional counterpart of a batch's condition: `null_label` an int (the
+  null class of (B,) labels), or a pytree shaped like one example of `labels` (e.g.
+  a text model's empty-prompt tokens or embeddings), broadcast over the batch."""
+  if isinstance(null_label, (int, np.integer)):
+    return jnp.full_like(labels, null_label)
+  return jax.tree_util.tree_map(
+      lambda null, cond: jnp.broadcast_to(jnp.asarray(null, cond.dtype), cond.shape),
+      null_label, labels)
+
+
+def guided_model_fn(apply_fn, labels, null_label, scale: float, guided_channels: int,
                     rescale: float = 0.0, interval=()):
   """Wraps `apply_fn(x, model_time, labels)` into `model_fn(x, model_time)`.
+
+  `labels` is the batch's condition: (B,) class labels with `null_label` the null
+  class, or any pytree of (B, ...) arrays (text tokens / embeddings) with `null_label`
+  one example's unconditional counterpart (see `null_condition`).
 
   With scale == 1 it is the plain conditional model. Otherwise the batch is doubled
   ([cond | uncond]) and the first `guided_channels` output channels are guided (and
@@ -48,10 +64,11 @@ def guided_model_fn(apply_fn, labels, null_label: int, scale: float, guided_chan
   if scale == 1.0:
     return lambda x, t: apply_fn(x, t, labels)
   interval = tuple(interval or ())
+  null = null_condition(labels, null_label)
 
   def guided_fn(x, t):
     both = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                    jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+                    jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), labels, null))
     cond, uncond = jnp.split(both, 2)
     c, u = cond[..., :guided_channels], uncond[..., :guided_channels]
     guided = rescale_guided(u + scale * (c - u), c, rescale)

@@ -574,13 +574,17 @@ def flow_euler_sampler(process: RectifiedFlow, num_inference_steps=None, **optio
   steps = (np.arange(len(times)), times, sigmas[:-1], sigmas[1:], sigmas[1:] - sigmas[:-1],
            np.float32(1.0) - sigmas[1:])
 
-  def sample(model_fn, noise, key, cond_fn=None):
+  def sample(model_fn, noise, key, cond_fn=None, pass_step_index=False):
+    """`pass_step_index`: call model_fn(x, t, i) with the step's index i (traced), for
+    guidance that depends on the step (the SD3 pipeline's skip-layer window)."""
     check(cond_fn is None, "flow_euler: classifier guidance (cond_fn) needs a gaussian process")
     channels = noise.shape[-1]
 
     def step(x, inputs):
       i, t, sigma, sigma_next, dt, one_minus_next = inputs
-      velocity = model_fn(x, _model_time(t, x))[..., :channels]
+      model_time = _model_time(t, x)
+      velocity = (model_fn(x, model_time, i) if pass_step_index
+                  else model_fn(x, model_time))[..., :channels]
       if stochastic:
         x0 = x - sigma * velocity
         z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)

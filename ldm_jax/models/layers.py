@@ -9,6 +9,7 @@ Logical axis names used across ldm_jax:
   classes    rows of a class-embedding table
   norm       scale / bias of a normalisation layer (q/k RMSNorm scales: kv)
   layers     leading axis of blocks stacked for nn.scan (DiT scan_layers)
+  vocab      rows of a token-embedding table (text encoders)
 Spatial kernel axes and the q/k/v split are left unnamed (never sharded).
 """
 

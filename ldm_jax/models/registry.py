@@ -15,6 +15,8 @@ MODEL_FILES = {
     "compact_unet": "ldm_jax.models.compact_unet",
     "noisy_classifier": "ldm_jax.models.noisy_classifier",
     "vae": "ldm_jax.models.vae",
+    # The text-conditioned MM-DiT (+ its own text encoder): models/text_to_image.py.
+    "mmdit": "ldm_jax.models.text_to_image",
 }
 # Models that take class labels as conditioning (the denoisers); `model.class_conditional
 # = False` builds them unconditional.

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax import run_config
+from ldm_jax.data.text import condition_struct, is_text, null_condition
 from ldm_jax.diffusion import build_process
 from ldm_jax.errors import check
 from ldm_jax.models import build_model
@@ -54,8 +55,11 @@ class TrainingSetup:
     return state
 
   def load_frozen(self):
-    """Frozen networks the step reads (the autoencode task's LDM-LPIPS), replicated on
-    the mesh; {} for the other tasks."""
+    """Frozen inputs the step reads, replicated on the mesh: the autoencode task's
+    LDM-LPIPS; a text-to-image run's null (empty-prompt) condition; else {}."""
+    if is_text(self.config.data) and self.task == "denoise":
+      return jax.device_put({"null_condition": null_condition(self.config.data)},
+                            sharding.replicated(self.mesh))
     if self.task != "autoencode":
       return {}
     from ldm_jax.training.autoencoder import load_frozen
@@ -69,6 +73,9 @@ class TrainingSetup:
     struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,  # noqa: E731
                                                        sharding=self.batch_sharding)
     batch = {"label": struct(size[:1], jnp.int32)}
+    if is_text(data):
+      batch = {k: struct(shape, dtype) for k, (shape, dtype)
+               in condition_struct(data, data.batch_size).items()}
     if data.source != "latents":
       return dict(batch, image=struct(size, jnp.uint8))
     from ldm_jax.data.latents import read_manifest
@@ -80,7 +87,10 @@ class TrainingSetup:
   def frozen_abstract(self):
     """ShapeDtypeStructs of `load_frozen()`'s result (replicated), for lowering."""
     if self.task != "autoencode":
-      return {}
+      return jax.tree_util.tree_map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(self.mesh)),
+          ({"null_condition": null_condition(self.config.data)}
+           if is_text(self.config.data) and self.task == "denoise" else {}))
     from ldm_jax.training.autoencoder import frozen_struct
     replicated = sharding.replicated(self.mesh)
     return jax.tree_util.tree_map(
@@ -133,10 +143,14 @@ def build_training(config, devices=None) -> TrainingSetup:
         model, tx, autoencoder.LossConfig.from_config(config.loss), config.optim.ema_decay,
         config.optim.ema_warmup, schedule, nan_policy=nan_policy)
   else:
+    text_dropout = float(config.model.get("text_dropout", 0.0)) if is_text(config.data) else 0.0
+    check(0.0 <= text_dropout < 1.0,
+          f"model.text_dropout={text_dropout} must lie in [0, 1)")
     denoise_step = make_train_step(model, process, tx, config.optim.ema_decay,
                                    config.optim.ema_warmup, schedule, task=task,
-                                   grad_accum_steps=accum, nan_policy=nan_policy)
-    raw_step = lambda state, batch, frozen: denoise_step(state, batch)  # noqa: E731
+                                   grad_accum_steps=accum, nan_policy=nan_policy,
+                                   text_dropout=text_dropout)
+    raw_step = denoise_step
 
   def step_fn(state, batch, frozen):
     with nn.logical_axis_rules(rules):  # activation constraints resolve while tracing

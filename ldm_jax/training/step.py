@@ -41,6 +41,37 @@ def batch_inputs(batch, key):
   return latent
 
 
+# Batch entries that condition a text-to-image denoiser: token ids (a model with its
+# own text encoder) or precomputed text embeddings (a text-embedding cache).
+TEXT_KEYS = ("tokens", "context", "pooled")
+
+
+def batch_condition(batch):
+  """The denoiser's condition in a batch: its class labels (B,), or for a
+  text-to-image model a dict of its text entries (TEXT_KEYS)."""
+  text = {k: batch[k] for k in TEXT_KEYS if k in batch}
+  return text if text else batch["label"]
+
+
+def drop_condition(cond, null, prob: float, key):
+  """Condition dropout for classifier-free guidance on a text condition: each example's
+  condition is replaced by the null (empty-prompt) one with probability `prob`.
+
+  Args:
+    cond: dict of (B, ...) arrays (TEXT_KEYS).
+    null: dict of one example's arrays (the same keys).
+    prob: dropout probability.
+    key: PRNG key.
+  """
+  drop = jax.random.bernoulli(key, prob, (jax.tree_util.tree_leaves(cond)[0].shape[0],))
+
+  def swap(c, n):
+    where = drop.reshape((-1,) + (1,) * (c.ndim - 1))
+    return jnp.where(where, jnp.broadcast_to(n.astype(c.dtype), c.shape), c)
+
+  return {k: swap(v, null[k]) for k, v in cond.items()}
+
+
 def classifier_loss(logits, labels):
   """Per-example cross-entropy (B,) and the metrics {loss, accuracy}."""
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -49,8 +80,9 @@ def classifier_loss(logits, labels):
 
 
 def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedule=None,
-                    task: str = "denoise", grad_accum_steps: int = 1, nan_policy: str = "stop"):
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+                    task: str = "denoise", grad_accum_steps: int = 1, nan_policy: str = "stop",
+                    text_dropout: float = 0.0):
+  """Builds `train_step(state, batch, frozen=None) -> (state, metrics)`.
 
   Args:
     model: a Flax module called as model.apply({'params'}, x, model_time, labels, train).
@@ -65,6 +97,8 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedul
       the whole batch, so with no label dropout the update equals k = 1's.
     nan_policy: "stop" (the host stops the run; see train.py) or "skip": a step with a
       non-finite loss or gradient applies no update (metric `skipped` = 1).
+    text_dropout: probability of replacing a text condition by the null one
+      (`frozen["null_condition"]`, the empty prompt's), for classifier-free guidance.
   """
   check(task in TASKS, f"unknown task {task!r}; valid: {list(TASKS)}")
   check(nan_policy in NAN_POLICIES,
@@ -110,12 +144,16 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedul
     total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
     return jax.tree_util.tree_map(lambda a: a / k, total)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen=None):
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss_rng, dropout_rng = jax.random.split(step_rng)
     x0 = batch_inputs(batch, step_rng)
     draws = training_draws(process, loss_rng, x0)
-    grads, metrics = gradients(state.params, x0, batch["label"], draws, dropout_rng)
+    cond = batch_condition(batch)
+    if text_dropout > 0 and isinstance(cond, dict):
+      cond = drop_condition(cond, frozen["null_condition"], text_dropout,
+                            jax.random.fold_in(dropout_rng, 11))
+    grads, metrics = gradients(state.params, x0, cond, draws, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, ema, ema_warmup)

@@ -16,11 +16,17 @@ class TrainState:
 
 
 def init_inputs(data_config, batch: int = 1):
-  """Dummy (x, model_time, labels) to trace a denoiser's parameters."""
+  """Dummy (x, model_time, condition) to trace a denoiser's parameters: int labels, or
+  a text condition dict for a text-to-image run (data.tokenizer set)."""
   import jax.numpy as jnp
+  from ldm_jax.data.text import condition_struct, is_text
   size, channels = data_config.image_size, data_config.channels
+  cond = jnp.zeros((batch,), jnp.int32)
+  if is_text(data_config):
+    cond = {k: jnp.zeros(shape, dtype) for k, (shape, dtype)
+            in condition_struct(data_config, batch).items()}
   return (jnp.zeros((batch, size, size, channels), jnp.float32), jnp.zeros((batch,), jnp.float32),
-          jnp.zeros((batch,), jnp.int32))
+          cond)
 
 
 def create_state(model, tx, data_config, seed: int, mesh, rules, materialize: bool = True,
