@@ -40,7 +40,10 @@ def test_text_to_image_tokens_equal_explicit_embeddings():
   # The prompt matters: another prompt gives another output.
   other = {"tokens": jnp.roll(cond["tokens"], 1, axis=0)}
   assert float(jnp.abs(model.apply({"params": params}, x, t, other) - out).max()) > 1e-3
-  # Padding is masked: the pooled vector ignores pad positions.
+  # Padding is masked: dropping the trailing pad columns (the longest prompt has 10
+  # tokens) leaves the pooled vector unchanged.
+  _, pooled_short = model.apply({"params": params}, cond["tokens"][:, :10], method="encode_text")
+  np.testing.assert_allclose(pooled_short, pooled, rtol=1e-5, atol=1e-6)
   assert set(params) == {"denoiser", "text_encoder"}
 
 
