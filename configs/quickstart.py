@@ -100,8 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = "flow"   # flow | gaussian
   diffusion.num_timesteps = 1000
-  # '' = the process's own target: flow predicts the velocity ε - x0; gaussian: epsilon
-  # (default) | v | x0.
+  # '' = the process's own target: flow predicts the velocity ε - x0 (or x0: the network
+  # outputs the clean image, turned into the velocity (x_t - x̂0) / max(t, 0.05));
+  # gaussian: epsilon (default) | v | x0.
   diffusion.prediction = ""
   # -- flow only (SD3 §3.1, §5.3.2) --
   diffusion.time_sampling = "logit_normal"  # uniform | logit_normal | mode | cosmap

@@ -178,7 +178,7 @@ def compile_step(config, devices) -> dict:
   from ldm_jax.models.attention import target_platform
   # Trace attention for the target (the TPU kernels on a TPU), not for this CPU.
   with target_platform(devices[0].platform):
-    setup = build_training(config, devices=devices)
+    setup = build_training(config, devices=devices, abstract_data=True)
     start = time.perf_counter()
     with jax.set_mesh(setup.mesh):
       lowered = setup.jit_step().lower(setup.abstract_state, setup.batch_struct(),

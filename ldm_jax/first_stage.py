@@ -140,7 +140,12 @@ def load_first_stage(path: str, use_ema: bool = False, step: int | None = None) 
 # -- encoding a dataset into a latent cache ------------------------------------------------
 
 CACHE_DEFAULTS = dict(store="", dtype="float32", split="train", batch_size=250,
-                      shard_size=4096, use_ema=False, scale="model")
+                      shard_size=4096, use_ema=False, scale="model", vae="", source="",
+                      image_size=0)
+# cache.source: "" encodes config.data itself; "captions" encodes the image + .txt
+# caption folder data.folder at cache.image_size pixels (a text-to-image config whose
+# training data is the cache: data.source = "latents").
+CACHE_SOURCES = ("", "captions")
 SCALES = ("model", "auto")
 
 
@@ -211,7 +216,10 @@ def cache_latents(config, workdir: str, cache_dir: str) -> dict:
   manifest. Options in `config.cache` (see CACHE_DEFAULTS): store (mean_std | mean |
   sample; default mean_std for KL, mean for VQ), dtype, split, batch_size, shard_size,
   use_ema, scale ("model": the autoencoder's scaling_factor; "auto": LDM's scale_by_std,
-  1 / std of the first batch's latents, recorded in the manifest and used to decode)."""
+  1 / std of the first batch's latents, recorded in the manifest and used to decode),
+  vae (the autoencoder's run or diffusers folder instead of `workdir`), source and
+  image_size (CACHE_SOURCES). With data.tokenizer = "sd3" every caption is also encoded
+  by SD3's text stack (data.text_pipeline) into the cache's text embeddings."""
   from ldm_jax.data import latents
   from ldm_jax.data.pipeline import make_source
   check(bool(cache_dir), "--mode=cache_latents needs --cache_dir=DIR (a new directory)")
@@ -224,22 +232,59 @@ def cache_latents(config, workdir: str, cache_dir: str) -> dict:
         f"(choose a new directory)")
   check(options["scale"] in SCALES,
         f"config.cache.scale={options['scale']!r}; valid: {list(SCALES)}")
-  stage = load_first_stage(workdir, use_ema=bool(options["use_ema"]))
-  if stage.step is not None:  # an ldm_jax run: its saved config must be this one
+  check(options["source"] in CACHE_SOURCES,
+        f"config.cache.source={options['source']!r}; valid: {list(CACHE_SOURCES)}")
+  check(options["source"] or config.data.source != "latents",
+        "--mode=cache_latents: data.source='latents' is what this mode writes; name the "
+        "images to encode with config.cache.source='captions' (and data.folder)")
+  from ldm_jax.data.text import is_sd3, sd3_encode, sd3_settings, sd3_stack
+  if options["source"] == "captions" or is_sd3(config.data):
+    needs = [(k, w) for k, w, ok in (
+        ("data.folder", "a folder of images with a .txt caption next to each",
+         bool(config.data.get("folder", "")) or options["source"] != "captions"),
+        ("cache.vae", "the autoencoder (a diffusers AutoencoderKL folder or an ldm_jax run)",
+         bool(options["vae"]) or options["source"] != "captions"),
+        ("data.text_pipeline", "a diffusers SD3 pipeline folder with the three text "
+         "encoders and tokenizers", bool(config.data.get("text_pipeline", ""))
+         or not is_sd3(config.data))) if not ok]
+    check(not needs, "--mode=cache_latents needs " + "; ".join(
+        f"--config.{k}=DIR ({w})" for k, w in needs))
+  stage = load_first_stage(options["vae"] or workdir, use_ema=bool(options["use_ema"]))
+  if stage.step is not None and not options["vae"]:
+    # an ldm_jax autoencode run given as --workdir: its saved config must be this one
     from ldm_jax import run_config
     run_config.check_compatible(run_config.read_saved_config(stage.path), config, stage.path)
   store = options["store"] or ("mean" if stage.kind == "vq" else "mean_std")
   check(not (stage.kind == "vq" and store != "mean"),
         f"config.cache.store={store!r}: a VQ autoencoder has deterministic latents; use 'mean'")
-  source = make_source(config.data, options["split"])
+  if options["source"] == "captions":
+    from ldm_jax.data.folders import CaptionFolderSource
+    size = int(options["image_size"])
+    check(size > 0, "config.cache.source='captions' needs config.cache.image_size (pixels)")
+    source = CaptionFolderSource(config.data.folder, size, 3)
+    latent_channels = stage.model.embed_dim if stage.kind == "vq" else stage.model.latent_channels
+    check(latent_channels == config.data.channels,
+          f"the autoencoder {stage.path!r} has {latent_channels}-channel latents but the "
+          f"denoiser's data.channels={config.data.channels}; set data.channels="
+          f"{latent_channels} or use another autoencoder")
+  else:
+    source = make_source(config.data, options["split"])
   batch_size = int(options["batch_size"])
+  text_fn = text_info = None
+  if is_sd3(config.data):
+    stack = sd3_stack(config.data)
+    settings = sd3_settings(config.data)
+    text_fn = lambda captions: sd3_encode(stack, config.data, captions)  # noqa: E731
+    text_info = dict(settings, pipeline=os.path.abspath(config.data.text_pipeline),
+                     fingerprint=stack.fingerprint(**settings))
   if options["scale"] == "auto":
     stage = auto_scaled(stage, source, batch_size, config.seed)
   batches = latents.source_batches(source, batch_size, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  source_info = {"source": config.data.source, "split": options["split"],
+  source_info = {"source": options["source"] or config.data.source, "split": options["split"],
                  "name": config.data.get("name", "") or config.data.get("folder", ""),
-                 "image_size": config.data.image_size, "channels": config.data.channels,
+                 "image_size": int(options["image_size"]) or config.data.image_size,
+                 "channels": 3 if options["source"] else config.data.channels,
                  "num_images": len(source)}
   logger.info("encoding %d images (%s, split %s) with the %s autoencoder of %s (step %s) "
               "into %s", len(source), config.data.source, options["split"], stage.kind,
@@ -247,7 +292,8 @@ def cache_latents(config, workdir: str, cache_dir: str) -> dict:
   result = latents.write_cache(
       cache_dir, batches, make_encode_fn(stage, store, batch_size, config.seed), store=store,
       dtype=options["dtype"], vae_info=stage.info(), fingerprint=stage.fingerprint,
-      source_info=source_info, num_classes=config.data.num_classes,
+      source_info=source_info, num_classes=config.data.num_classes, text_fn=text_fn,
+      text_info=text_info,
       shard_size=int(options["shard_size"]), process_index=jax.process_index(),
       process_count=jax.process_count())
   if jax.process_count() > 1:

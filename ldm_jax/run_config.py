@@ -32,8 +32,9 @@ def task_of(config) -> str:
   return task
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails with a UserError naming the first invalid value."""
+def validate(config: ml_collections.ConfigDict, need_data: bool = True) -> None:
+  """Fails with a UserError naming the first invalid value. `need_data=False` (ahead-
+  of-time compilation: shapes only) lets a latent cache be absent."""
   check(config.num_train_steps >= 0, f"num_train_steps must be >= 0, got {config.num_train_steps}")
   check(config.data.batch_size > 0, f"data.batch_size must be > 0, got {config.data.batch_size}")
   check(config.ckpt.every_steps > 0, f"ckpt.every_steps must be > 0, got {config.ckpt.every_steps}")
@@ -47,6 +48,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.data.source != "latents", "task 'autoencode' trains on images; "
           "data.source='latents' (a latent cache) is for denoisers")
     return  # no sampler / process; the loss section is checked when the step is built
+  if config.data.source == "latents" and need_data:
+    usage = config.get("usage", "")
+    check(bool(config.data.get("latent_cache", "")),
+          "data.source='latents' needs data.latent_cache=DIR, a cache written by "
+          "--mode=cache_latents" + (f". {usage}" if usage else ""))
   check(config.sample.num > 0, f"sample.num must be > 0, got {config.sample.num}")
   check(config.sample.batch_size > 0,
         f"sample.batch_size must be > 0, got {config.sample.batch_size}")
@@ -59,10 +65,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.name='mmdit' is text-conditioned: set data.tokenizer (e.g. 'shapes-words' with "
         "data.source='shapes'; see configs/mmdit_256.py)")
   if text:
-    check(guidance == 1.0 or config.model.get("text_dropout", 0.0) > 0,
+    # The unconditional input (the null condition) is trained by whole-condition
+    # dropout, or for SD3 by all three encoders dropped to the null's parts at once.
+    by_encoders = (config.data.get("tokenizer", "") == "sd3"
+                   and config.model.get("text_encoder_dropout", 0.0) > 0)
+    check(guidance == 1.0 or config.model.get("text_dropout", 0.0) > 0 or by_encoders,
           f"sample.guidance_scale={guidance} needs a model trained with condition dropout "
-          f"(model.text_dropout > 0, got {config.model.get('text_dropout', 0.0)}); set "
-          f"guidance_scale=1.0 or train with text dropout")
+          f"(model.text_dropout > 0, got {config.model.get('text_dropout', 0.0)}; or for SD3 "
+          f"model.text_encoder_dropout > 0); set guidance_scale=1.0 or train with text "
+          f"dropout")
     check(config.data.num_classes == 0 and not tuple(config.sample.get("labels", ())),
           "a text-to-image run (data.tokenizer set) has no classes: data.num_classes must be 0 "
           "and sample.labels empty (prompts come from sample.prompts)")

@@ -50,8 +50,11 @@ def make_sample_fn(model, process, data_config, sample_config, classifier=None, 
 
   @jax.jit
   def sample_fn(params, labels, key, classifier_params=None, decoder_params=None):
-    def apply_fn(x, t, y):
+    def network_fn(x, t, y):
       return model.apply({"params": params}, x, t, model_labels(model, y))
+    # What the samplers integrate: the process's prediction as such (ε / v / x0 for the
+    # Gaussian process), or for rectified flow the velocity (from an x0 output too).
+    apply_fn = process.wrap_model(network_fn) if hasattr(process, "wrap_model") else network_fn
     model_fn = guided_model_fn(apply_fn, labels, null,
                                float(sample_config.guidance_scale),
                                int(sample_config.get("guided_channels", 0)) or data_config.channels,

@@ -23,7 +23,7 @@ from ldm_jax.data.pipeline import make_train_iterator
 from ldm_jax.diffusion.samplers import check_sample_config
 from ldm_jax.errors import UserError
 from ldm_jax.models import count_params
-from ldm_jax.data.text import is_text, prompt_condition
+from ldm_jax.data.text import cached_grid_condition, is_text, prompt_condition
 from ldm_jax.sample import grid_prompts, make_sample_fn, to_host
 from ldm_jax.training import sharding
 from ldm_jax.training.checkpoint import Checkpointer
@@ -44,9 +44,13 @@ def log_sample_grid(sample_fn, params, config, step, writer, workdir):
   one image for each of 16 sample prompts, scored by the shapes judge for the built-in
   shapes); TensorBoard + PNG."""
   if is_text(config.data):
-    prompts = grid_prompts(config)
-    images = to_host(sample_fn(params, prompt_condition(config.data, prompts),
-                               jax.random.key(config.sample.seed)))
+    cached = cached_grid_condition(config.data)
+    if cached is not None:  # a text-embedding cache: its first captions, no encoder loaded
+      prompts, cond = cached
+    else:
+      prompts = grid_prompts(config)
+      cond = prompt_condition(config.data, prompts)
+    images = to_host(sample_fn(params, cond, jax.random.key(config.sample.seed)))
     grid = image_grid(images, 8)
     if config.data.source == "shapes":
       from ldm_jax.evaluation.shapes_judge import score

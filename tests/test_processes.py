@@ -177,6 +177,30 @@ def test_flow_target_model_time_and_inversion():
   assert max(errs) <= 1e-5
 
 
+def test_flow_x0_prediction():
+  """A network that outputs the clean image: its velocity is exact for t >= min_time,
+  the loss of the oracle is zero there, and samplers see the velocity."""
+  flow = build_process(ml_collections.ConfigDict(dict(process="flow", prediction="x0",
+                                                      min_time=0.05)))
+  assert flow.prediction == "x0"
+  x0, noise = x0_and_noise(4)
+  t = jnp.asarray([0.05, 0.3, 0.7, 1.0], jnp.float32)
+  x_t = flow.add_noise(x0, noise, t)
+  oracle = lambda x, model_time: x0  # noqa: E731 - one data point: E[x0 | x_t] = x0
+  velocity = flow.wrap_model(oracle)(x_t, flow.model_time(t))
+  assert rel_err(velocity, noise - x0) <= 1e-5
+  per_example, _ = flow.loss(oracle, x0, None, draws=(t, noise))
+  assert float(jnp.max(per_example)) <= 1e-10 * float(jnp.mean((noise - x0) ** 2))
+  # Below min_time the divisor is clamped: t = 0.01 gives a fifth of the velocity.
+  small = jnp.full((4,), 0.01, jnp.float32)
+  v_small = flow.velocity(x0, flow.add_noise(x0, noise, small), small)
+  assert rel_err(v_small, 0.2 * (noise - x0)) <= 1e-5
+  plain = RectifiedFlow()
+  assert plain.wrap_model(oracle) is oracle
+  with pytest.raises(UserError, match="valid: \\['velocity', 'x0'\\]"):
+    build_process(ml_collections.ConfigDict(dict(process="flow", prediction="epsilon")))
+
+
 def test_logit_normal_time_statistics():
   n, mean, std = 100_000, 0.3, 0.8
   flow = RectifiedFlow(time_sampling="logit_normal", logit_mean=mean, logit_std=std)

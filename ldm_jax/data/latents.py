@@ -8,6 +8,7 @@ trains from it.
 Layout of a cache directory:
 
   manifest.json                              written last: its presence = complete
+  null_text.msgpack                          text caches: the empty prompt's embeddings
   shard-P00000-of-00002-S00000.array_record  one ArrayRecord file per <= shard_size
   shard-P00000-of-00002-S00001.array_record  records, named by writing process P
   shard-P00001-of-00002-S00000.array_record  and shard S
@@ -17,7 +18,10 @@ pickle):
   store="mean_std": {"mean": (h, w, c), "std": (h, w, c), "label": int}
   store="mean":     {"mean": (h, w, c), "label": int}
   store="sample":   {"latent": (h, w, c), "label": int}  (one draw, fixed forever)
-plus "caption": str when the batches carry captions. Arrays are stored as float32 or
+plus "caption": str when the batches carry captions, and, for a text-to-image cache
+(`text_fn`), the caption's text embeddings by part name (e.g. SD3's clip_l, clip_g,
+t5, pooled_l, pooled_g; see ldm_jax/pipelines/sd3_text.py), stored in the same float
+dtype. Label-free sources (num_classes 0) store no "label". Arrays are stored as float32 or
 float16 and are already in the denoiser's latent space, i.e. mapped by the VAE's
 latent normalisation: mean' = (mean - shift_factor) * scaling_factor,
 std' = std * scaling_factor (the caller's `encode_fn` applies it).
@@ -58,6 +62,7 @@ from ldm_jax.errors import UserError, check
 FORMAT = "ldm_jax.latent_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+NULL_TEXT = "null_text.msgpack"
 STORES = ("mean_std", "mean", "sample")
 DTYPES = ("float32", "float16")
 DEFAULT_SHARD_SIZE = 4096
@@ -117,7 +122,8 @@ def source_batches(source, batch_size: int, *, process_index: int = 0,
   """This process's share of a random-access image source, in order, for `write_cache`.
 
   Process p of P takes the contiguous index range [p*N//P, (p+1)*N//P) and yields it
-  in batches {"image": uint8 (b, H, W, C), "label": int32 (b,)} of `batch_size`
+  in batches {"image": uint8 (b, H, W, C), "label": int32 (b,)} of `batch_size` (no
+  "label" for a label-free source, e.g. image-caption pairs)
   (the last one may be shorter: an `encode_fn` sharded over devices pads it itself).
   Concatenated in process order the shares are the whole source, so cache index i is
   source index i.
@@ -127,8 +133,9 @@ def source_batches(source, batch_size: int, *, process_index: int = 0,
   start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
   for first in range(start, stop, batch_size):
     records = [source[i] for i in range(first, min(first + batch_size, stop))]
-    batch = {"image": np.stack([np.asarray(r["image"]) for r in records]),
-             "label": np.asarray([r["label"] for r in records], np.int32)}
+    batch = {"image": np.stack([np.asarray(r["image"]) for r in records])}
+    if "label" in records[0]:
+      batch["label"] = np.asarray([r["label"] for r in records], np.int32)
     if "caption" in records[0]:
       batch["caption"] = [str(r["caption"]) for r in records]
     yield batch
@@ -147,6 +154,8 @@ def _check_writable(out_dir: str, process_index: int, process_count: int) -> Non
   foreign, own = [], []
   for name in names:
     m = _SHARD_RE.fullmatch(name) or _PART_RE.fullmatch(name)
+    if name in (NULL_TEXT, NULL_TEXT + ".tmp") and process_index != 0:
+      continue  # process 0's
     if not m or int(m.group(2)) != process_count:
       foreign.append(name)
     elif int(m.group(1)) == process_index:
@@ -203,6 +212,22 @@ def _write_json(path: str, value: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _text_arrays(text: Mapping[str, Any], n: int, dtype: str, what: str) -> dict:
+  """text_fn's output as numpy arrays of the stored dtype, checked (batch n, finite)."""
+  check(isinstance(text, Mapping) and text, f"text_fn must return a dict of arrays, got "
+        f"{type(text).__name__}")
+  out = {}
+  for k, a in text.items():
+    a = np.asarray(a)
+    check(a.ndim >= 2 and a.shape[0] == n, f"text_fn returned {k!r} of shape {a.shape} for "
+          f"{n} captions ({what})")
+    with np.errstate(over="ignore"):
+      a = a.astype(dtype)
+    check(np.isfinite(a).all(), f"text_fn gave non-finite {k!r} (as {dtype}) for {what}")
+    out[str(k)] = a
+  return out
+
+
 def _to_numpy(encoded: Mapping[str, Any], keys: tuple[str, ...], store: str) -> dict:
   missing = [k for k in keys if k not in encoded]
   check(not missing, f"store={store!r} needs encode_fn to return {list(keys)}; "
@@ -215,7 +240,9 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
                 dtype: str = "float32", vae_info: Mapping[str, Any], fingerprint: str,
                 source_info: Mapping[str, Any], num_classes: int,
                 shard_size: int = DEFAULT_SHARD_SIZE, process_index: int = 0,
-                process_count: int = 1) -> dict:
+                process_count: int = 1,
+                text_fn: Callable[[list], Mapping[str, Any]] | None = None,
+                text_info: Mapping[str, Any] | None = None) -> dict:
   """Encodes this process's batches into shards of a latent cache.
 
   Args:
@@ -234,8 +261,15 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
     fingerprint: `vae_fingerprint` of the VAE; `check_cache` compares it.
     source_info: description of the encoded data (source, split, image size, ...).
     num_classes: number of label classes; every label must lie in [0, num_classes).
+      0: a label-free source (its batches carry no "label").
     shard_size: records per shard file.
     process_index, process_count: this process and the number of writing processes.
+    text_fn: for a text-to-image cache, captions (list of str) -> {part: (B, ...)
+      array} of text embeddings, stored per example under the part names; process 0
+      also stores text_fn([""]) (the empty prompt's, for condition dropout and
+      classifier-free guidance) as NULL_TEXT. Needs "caption" in every batch.
+    text_info: description of the text encoders (incl. their "fingerprint"), copied
+      into the manifest; required with `text_fn`.
 
   Returns:
     The manifest when `process_count == 1` (the cache is complete); otherwise this
@@ -252,19 +286,32 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
   check(0 <= process_index < process_count,
         f"process_index={process_index} must be in [0, process_count={process_count})")
   check(isinstance(fingerprint, str) and fingerprint, "fingerprint must be a non-empty string")
-  check(int(num_classes) >= 1, f"num_classes must be >= 1, got {num_classes}")
+  check(int(num_classes) >= 1 or text_fn is not None,
+        f"num_classes must be >= 1, got {num_classes} (0: a label-free text-embedding cache, "
+        "which needs text_fn)")
+  check(text_fn is None or (text_info is not None and text_info.get("fingerprint")),
+        "write_cache: text_fn needs text_info with the encoders' 'fingerprint'")
   _check_writable(out_dir, process_index, process_count)
   os.makedirs(out_dir, exist_ok=True)
 
   keys = _STORE_KEYS[store]
   writer = _ShardWriter(out_dir, process_index, process_count, shard_size)
   shape, captions, written = None, None, 0
+  text_shapes = None
+  if text_fn is not None and process_index == 0:
+    null = _text_arrays(text_fn([""]), 1, dtype, "the empty prompt")
+    text_shapes = {k: list(a.shape[1:]) for k, a in null.items()}
+    with open(os.path.join(out_dir, NULL_TEXT + ".tmp"), "wb") as f:
+      f.write(serialization.msgpack_serialize({k: a[0] for k, a in null.items()}))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(os.path.join(out_dir, NULL_TEXT + ".tmp"), os.path.join(out_dir, NULL_TEXT))
 
-  def flush(batch, encoded):
-    nonlocal shape, captions, written
-    labels = np.asarray(batch["label"])
+  def flush(batch, encoded, text):
+    nonlocal shape, captions, written, text_shapes
     arrays = _to_numpy(encoded, keys, store)
-    n = len(labels)
+    n = len(np.asarray(batch["image"]))
+    labels = np.asarray(batch["label"]) if num_classes else np.zeros((n,), np.int32)
     for k, a in arrays.items():
       check(a.ndim == 4 and a.shape[0] == n,
             f"encode_fn returned {k!r} of shape {a.shape} for a batch of {n} images; "
@@ -273,9 +320,14 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
     for k, a in arrays.items():
       check(a.shape[1:] == shape, f"encode_fn returned {k!r} of latent shape {a.shape[1:]}; "
             f"earlier batches had {shape}")
+    if text is not None:
+      text = _text_arrays(text, n, dtype, f"the batch starting at example {written}")
+      got = {k: list(a.shape[1:]) for k, a in text.items()}
+      text_shapes = text_shapes or got
+      check(got == text_shapes, f"text_fn returned parts {got}; earlier {text_shapes}")
     check(np.issubdtype(labels.dtype, np.integer) and labels.shape == (n,),
           f"batch labels must be integers of shape ({n},); got {labels.dtype} {labels.shape}")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
+    bad = labels[(labels < 0) | (labels >= max(num_classes, 1))]
     check(bad.size == 0, f"label {bad[:1].tolist()} out of range [0, num_classes="
           f"{num_classes}) in the batch starting at example {written} of process "
           f"{process_index}")
@@ -292,9 +344,12 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
              if dtype == "float16" and np.isfinite(arrays[k]).all() else ""))
     for i in range(n):
       record = {k: a[i] for k, a in stored.items()}
-      record["label"] = int(labels[i])
+      if num_classes:
+        record["label"] = int(labels[i])
       if has_captions:
         record["caption"] = str(batch["caption"][i])
+      if text is not None:
+        record.update({k: a[i] for k, a in text.items()})
       writer.write(serialization.msgpack_serialize(record))
     written += n
 
@@ -303,10 +358,15 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
     for batch in batches:
       check(np.asarray(batch["image"]).dtype == np.uint8,
             f"batch images must be uint8, got {np.asarray(batch['image']).dtype}")
+      check(num_classes == 0 or "label" in batch,
+            f"num_classes={num_classes} but the batches carry no 'label'")
+      check(text_fn is None or "caption" in batch,
+            "a text-embedding cache (text_fn) needs batches with 'caption'")
       encoded = encode_fn(batch["image"])  # dispatched; fetched by flush below
+      text = text_fn(list(batch["caption"])) if text_fn is not None else None
       if pending is not None:
         flush(*pending)
-      pending = (batch, encoded)
+      pending = (batch, encoded, text)
     if pending is not None:
       flush(*pending)
   except BaseException:
@@ -318,7 +378,9 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
           "num_examples": written, "shards": writer.shards,
           "latent_shape": list(shape) if shape else None, "captions": bool(captions),
           "store": store, "dtype": dtype, "vae": dict(vae_info), "fingerprint": fingerprint,
-          "source": dict(source_info), "num_classes": int(num_classes)}
+          "source": dict(source_info), "num_classes": int(num_classes),
+          "text": ({"parts": text_shapes, "info": dict(text_info)} if text_fn is not None
+                   else None)}
   _write_json(os.path.join(out_dir, part_name(process_index, process_count)), part)
   if process_count == 1:
     return finalize_cache(out_dir, process_count=1)
@@ -353,6 +415,17 @@ def finalize_cache(out_dir: str, *, process_count: int) -> dict:
         f"shape: {sorted(shapes)}")
   captions = {p["captions"] for p in parts if p["num_examples"]}
   check(len(captions) <= 1, f"latent cache {out_dir!r}: only some processes wrote captions")
+  # Hosts may mount the pipeline folder at different paths: compare the rest.
+  infos = {json.dumps({k: v for k, v in ((p.get("text") or {}).get("info") or {}).items()
+                       if k != "pipeline"}, sort_keys=True, default=str) for p in parts}
+  check(len(infos) == 1, f"latent cache {out_dir!r}: processes disagree on the text encoders")
+  text_parts = [(p.get("text") or {}).get("parts") for p in parts]
+  text_parts = [t for t in text_parts if t]
+  check(all(t == text_parts[0] for t in text_parts),
+        f"latent cache {out_dir!r}: processes disagree on the text embedding shapes")
+  if first.get("text"):
+    check(os.path.isfile(os.path.join(out_dir, NULL_TEXT)),
+          f"latent cache {out_dir!r}: {NULL_TEXT} (process 0's) is missing")
   total = sum(p["num_examples"] for p in parts)
   check(total > 0, f"latent cache {out_dir!r}: no examples were written (empty batches)")
   shards = []
@@ -370,6 +443,8 @@ def finalize_cache(out_dir: str, *, process_count: int) -> dict:
       "shards": shards, "process_count": process_count, "vae": first["vae"],
       "fingerprint": first["fingerprint"], "source": first["source"],
       "num_classes": first["num_classes"], "captions": bool(captions and captions.pop()),
+      "text": ({"parts": text_parts[0], "info": first["text"]["info"], "null": NULL_TEXT}
+               if first.get("text") else None),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   _write_json(os.path.join(out_dir, MANIFEST), manifest)
@@ -379,6 +454,19 @@ def finalize_cache(out_dir: str, *, process_count: int) -> dict:
 
 
 # ---------------------------------------------------------------- reading
+
+
+def read_null_text(cache_dir: str) -> dict:
+  """The empty prompt's text embeddings of a text cache: {part: array (no batch axis)}
+  in the stored dtype."""
+  manifest = read_manifest(cache_dir)
+  check(bool(manifest.get("text")), f"latent cache {cache_dir!r} holds no text embeddings "
+        "(it was written without text encoders)")
+  path = os.path.join(cache_dir, manifest["text"]["null"])
+  check(os.path.isfile(path), f"latent cache {cache_dir!r}: {path} is missing")
+  with open(path, "rb") as f:
+    null = serialization.msgpack_restore(f.read())
+  return {k: np.asarray(null[k]) for k in manifest["text"]["parts"]}
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -455,8 +543,10 @@ class LatentCacheSource:
   """A Grain random-access source over a latent cache.
 
   Records are {"latent": float32 (h, w, c), "label": int32} plus "latent_std": float32
-  (h, w, c) for store="mean_std" (the trainer draws latent + latent_std * eps) and
-  "caption": str when the cache has captions. Picklable (Grain worker processes).
+  (h, w, c) for store="mean_std" (the trainer draws latent + latent_std * eps),
+  "caption": str when the cache has captions, and a text cache's embedding parts in
+  the stored dtype; no "label" when the cache has none (num_classes 0). Picklable
+  (Grain worker processes).
   """
 
   def __init__(self, cache_dir: str):
@@ -472,6 +562,8 @@ class LatentCacheSource:
           f"manifest says {self.manifest['num_examples']}; the cache is damaged: encode again")
     self._keys = _STORE_KEYS[self.manifest["store"]]
     self._captions = bool(self.manifest.get("captions"))
+    self._labels = int(self.manifest["num_classes"]) > 0
+    self._text = tuple((self.manifest.get("text") or {}).get("parts") or ())
 
   def __len__(self) -> int:
     return len(self._records)
@@ -481,9 +573,12 @@ class LatentCacheSource:
     out = {"latent": np.asarray(record[self._keys[0]], np.float32)}
     if len(self._keys) == 2:
       out["latent_std"] = np.asarray(record[self._keys[1]], np.float32)
-    out["label"] = np.int32(record["label"])
+    if self._labels:
+      out["label"] = np.int32(record["label"])
     if self._captions:
       out["caption"] = record["caption"]
+    for k in self._text:  # kept in the stored dtype (float16 halves the host traffic)
+      out[k] = np.asarray(record[k])
     return out
 
   def __repr__(self) -> str:

@@ -51,21 +51,37 @@ def resolution_shift(config, image_size: int | None) -> float:
   return float(config.get("shift", 1.0))
 
 
+PREDICTIONS = ("velocity", "x0")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RectifiedFlow:
-  """Rectified flow with velocity prediction."""
+  """Rectified flow, trained on the velocity v = ε - x0 (conditional flow matching).
+
+  `prediction` is what the network outputs: "velocity" (SD3; what diffusers' SD3
+  pipeline expects) or "x0", the clean image, turned into the velocity
+  v = (x_t - x̂0) / max(t, min_time) for the loss and the samplers (Li & He 2025, "Back
+  to Basics: Let Denoising Generative Models Denoise": with large pixel patches a
+  network predicts the clean image far better than the noise or the velocity, whose
+  noise part it must copy from its input through every layer).
+  """
   time_sampling: str = "logit_normal"
   logit_mean: float = 0.0
   logit_std: float = 1.0
   mode_scale: float = 1.29
   shift: float = 1.0
   num_train_timesteps: int = 1000  # model time = t * this, as SD3 / diffusers
+  prediction: str = "velocity"
+  min_time: float = 0.05           # x0 prediction: the velocity's divisor is max(t, this)
 
   def __post_init__(self):
     check(self.time_sampling in TIME_SAMPLINGS,
           f"unknown diffusion.time_sampling {self.time_sampling!r}; valid: {list(TIME_SAMPLINGS)}")
     check(self.shift > 0, f"diffusion.shift must be > 0, got {self.shift}")
     check(self.logit_std > 0, f"diffusion.logit_std must be > 0, got {self.logit_std}")
+    check(self.prediction in PREDICTIONS, f"diffusion.prediction={self.prediction!r} for "
+          f"rectified flow; valid: {list(PREDICTIONS)} ('' = velocity)")
+    check(0 < self.min_time < 1, f"diffusion.min_time must be in (0, 1), got {self.min_time}")
     lo, hi = MODE_SCALE_RANGE
     check(lo <= self.mode_scale <= hi,
           f"diffusion.mode_scale={self.mode_scale} must be in [{lo}, {hi:.4f}] "
@@ -75,10 +91,10 @@ class RectifiedFlow:
   def from_config(cls, config, image_size: int | None = None):
     """From `config.diffusion`; `image_size` resolves a resolution-dependent shift."""
     prediction = config.get("prediction", "") or "velocity"
-    check(prediction == "velocity",
-          f"diffusion.prediction={prediction!r} does not apply to rectified flow, whose model "
-          f"predicts the velocity ε - x0; valid: 'velocity' or '' (epsilon | v | x0 are for "
-          f"diffusion.process='gaussian')")
+    check(prediction in PREDICTIONS,
+          f"diffusion.prediction={prediction!r} does not apply to rectified flow; valid: "
+          f"{list(PREDICTIONS)} or '' (velocity); epsilon | v are for diffusion.process="
+          "'gaussian'")
     for key, default in (("variance_type", "fixed_small"), ("loss_weighting", "simple"),
                          ("rescale_zero_snr", False)):
       value = config.get(key, default)
@@ -88,7 +104,8 @@ class RectifiedFlow:
                logit_mean=config.get("logit_mean", 0.0), logit_std=config.get("logit_std", 1.0),
                mode_scale=config.get("mode_scale", 1.29),
                shift=resolution_shift(config, image_size),
-               num_train_timesteps=config.get("num_timesteps", 1000))
+               num_train_timesteps=config.get("num_timesteps", 1000),
+               prediction=prediction, min_time=float(config.get("min_time", 0.05)))
 
   # -- the process interface -------------------------------------------------
   def sample_time(self, rng, batch: int) -> jax.Array:
@@ -118,6 +135,25 @@ class RectifiedFlow:
     del t
     return noise - x0
 
+  def velocity(self, output, x_t, t):
+    """The velocity a network output means at x_t, time t (B,): the output itself, or
+    for x0 prediction (x_t - output) / max(t, min_time)."""
+    if self.prediction == "velocity":
+      return output
+    t = jnp.maximum(t, self.min_time).reshape(t.shape + (1,) * (x_t.ndim - 1))
+    return (x_t - output[..., :x_t.shape[-1]]) / t
+
+  def wrap_model(self, model_fn):
+    """`model_fn(x_t, model_time, *args)` -> the same with the velocity as output (what
+    the samplers integrate); unchanged for velocity prediction."""
+    if self.prediction == "velocity":
+      return model_fn
+
+    def velocity_fn(x_t, model_time, *args, **kwargs):
+      t = model_time / self.num_train_timesteps
+      return self.velocity(model_fn(x_t, model_time, *args, **kwargs), x_t, t)
+    return velocity_fn
+
   def predict_x0_eps(self, velocity, x_t, t):
     """(x0, ε) implied by a velocity prediction at x_t, time t (B,)."""
     t = t.reshape(t.shape + (1,) * (x_t.ndim - 1))
@@ -126,6 +162,7 @@ class RectifiedFlow:
   def loss(self, model_fn, x0, rng, draws=None):
     """Conditional flow matching: ||v_θ(x_t, t) - (ε - x0)||², per example (B,)."""
     t, noise = training_draws(self, rng, x0) if draws is None else draws
-    output = model_fn(self.add_noise(x0, noise, t), self.model_time(t))
+    x_t = self.add_noise(x0, noise, t)
+    output = self.velocity(model_fn(x_t, self.model_time(t)), x_t, t)
     per_example = mean_flat((output[..., :x0.shape[-1]] - self.target(x0, noise, t)) ** 2)
     return per_example, {"loss": per_example.mean()}

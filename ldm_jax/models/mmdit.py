@@ -266,7 +266,8 @@ class TextProjection(nn.Module):
   @nn.compact
   def __call__(self, pooled_bp: jax.Array) -> jax.Array:
     init = nn.initializers.normal(0.02)
-    x = dense(self.hidden_size, (None, "mlp"), name="mlp_0", kernel_init=init,
+    # The input side is "embed" (fsdp-sharded): SD3's is 2048 wide, too big to replicate.
+    x = dense(self.hidden_size, ("embed", "mlp"), name="mlp_0", kernel_init=init,
               dtype=self.dtype)(pooled_bp.astype(self.dtype))
     return dense(self.hidden_size, ("mlp", "embed"), name="mlp_2", kernel_init=init,
                  dtype=self.dtype)(nn.silu(x))

@@ -7,8 +7,10 @@ condition is a dict instead of class labels:
   {"tokens": int (B, L)}        token ids; the model's own (trainable) text encoder
                                 turns them into the MM-DiT's context (its last hidden
                                 states) and pooled vector (their mean over non-pad tokens)
-  {"context": (B, L, D), "pooled": (B, P)}   precomputed text embeddings (SD3's frozen
-                                CLIP-L / CLIP-G / T5 stack, from a text-embedding cache)
+  {"context": (B, L, D), "pooled": (B, P)}   precomputed text embeddings
+  {"clip_l", "clip_g", "t5", "pooled_l", "pooled_g"}   SD3's frozen CLIP-L / CLIP-G / T5
+                                parts (from a text-embedding cache), assembled here as
+                                diffusers' SD3 pipeline does (`sd3_text.assemble_parts`)
 
 Parameters: {"denoiser": MM-DiT params (exportable as a diffusers
 SD3Transformer2DModel), "text_encoder": ...}. Condition dropout for classifier-free
@@ -55,10 +57,15 @@ class TextToImage(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: dict, train: bool = False) -> jax.Array:
-    check(isinstance(cond, dict), f"TextToImage takes a condition dict ({{'tokens'}} or "
-          f"{{'context', 'pooled'}}), got {type(cond).__name__}")
+    check(isinstance(cond, dict), f"TextToImage takes a condition dict ({{'tokens'}}, "
+          f"{{'context', 'pooled'}} or SD3's parts), got {type(cond).__name__}")
     if "tokens" in cond:
       context, pooled = self.encode_text(cond["tokens"])
+    elif "t5" in cond:
+      from ldm_jax.pipelines.sd3_text import PART_KEYS, assemble_parts  # pylint: disable=import-outside-toplevel
+      missing = [k for k in PART_KEYS if k not in cond]
+      check(not missing, f"TextToImage: the SD3 condition lacks the parts {missing}")
+      context, pooled = assemble_parts({k: cond[k].astype(jnp.float32) for k in PART_KEYS})
     else:
       missing = [k for k in ("context", "pooled") if k not in cond]
       check(not missing, f"TextToImage: the condition lacks {missing}; give 'tokens' or "

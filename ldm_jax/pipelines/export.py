@@ -39,6 +39,10 @@ def export_text_to_image(config, workdir: str, out: str) -> str:
   check(config.model.name == "mmdit", f"export_text_to_image: model.name is "
         f"{config.model.name!r}, not 'mmdit'")
   check(not os.path.exists(out), f"{out!r} exists; nothing was overwritten (choose a new path)")
+  prediction = config.diffusion.get("prediction", "") or "velocity"
+  check(prediction == "velocity", f"diffusion.prediction={prediction!r}: diffusers' SD3 "
+        "pipeline integrates the network's output as the velocity, so only a velocity-"
+        "predicting MM-DiT exports as an SD3Transformer2DModel")
   model, _, _, params, step = restore_for_inference(config, workdir, "export")
   import jax
   params = jax.device_get(params)

@@ -72,6 +72,61 @@ def _present(index: dict, component: str) -> bool:
   return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
 
+def load_text_stack(folder: str, *, dtype: str = "float32", load_t5: bool = True,
+                    context_dim: int | None = None, index: dict | None = None) -> SD3TextStack:
+  """The CLIP-L + CLIP-G (+ T5) stack of a local diffusers SD3 pipeline folder (its
+  text_encoder*/ and tokenizer*/ components; no torch, no network).
+
+  Args:
+    folder: the pipeline folder.
+    dtype: "float32" or "bfloat16".
+    load_t5: False leaves T5 out (its part of the context is zeros).
+    context_dim: the transformer's joint_attention_dim (default: T5's width, else
+      read from the folder's transformer/config.json); T5's width must equal it.
+    index: the folder's model_index.json when the caller has read it.
+  """
+  # pylint: disable=import-outside-toplevel  (heavy imports only when loading)
+  from ldm_jax.convert import text_encoders as text_convert
+  from ldm_jax.data.tokenizers import load_tokenizer
+  check(dtype in DTYPES, f"dtype={dtype!r}; valid: {sorted(DTYPES)}")
+  compute = DTYPES[dtype]
+  folder = os.fspath(folder)
+  index = read_model_index(folder) if index is None else index
+  sub = lambda name: os.path.join(folder, name)  # noqa: E731
+
+  def encoder(te_name, tok_name, kind):
+    module, te_params = text_convert.load_text_encoder(sub(te_name))
+    check(getattr(module, "kind", kind) == kind, f"SD3 pipeline {folder!r}: {te_name} is a "
+          f"{getattr(module, 'kind', '?')} encoder, expected {kind}")
+    tokenizer = load_tokenizer(sub(tok_name), kind=kind, model_vocab_size=module.vocab_size)
+    return TextEncoder(tokenizer, module.clone(dtype=compute), _cast(te_params, compute), kind)
+
+  clip_l = encoder("text_encoder", "tokenizer", "clip")
+  clip_g = encoder("text_encoder_2", "tokenizer_2", "clip")
+  t5 = None
+  if load_t5 and _present(index, "text_encoder_3"):
+    check(_present(index, "tokenizer_3") and os.path.isdir(sub("tokenizer_3")),
+          f"SD3 pipeline {folder!r} has text_encoder_3 but no tokenizer_3")
+    t5 = encoder("text_encoder_3", "tokenizer_3", "t5")
+  for name, te in (("text_encoder", clip_l), ("text_encoder_2", clip_g)):
+    check(te.module.projection_dim, f"SD3 pipeline {folder!r}: {name} has no text projection "
+          "(SD3 needs CLIPTextModelWithProjection)")
+  if context_dim is None:
+    if t5 is not None:
+      context_dim = t5.module.d_model
+    else:
+      config_path = sub(os.path.join("transformer", "config.json"))
+      check(os.path.isfile(config_path), f"SD3 pipeline {folder!r}: without T5 the context "
+            f"width comes from {config_path}, which is missing")
+      context_dim = int(common.read_json(config_path)["joint_attention_dim"])
+  if t5 is not None:
+    check(t5.module.d_model == context_dim, f"SD3 pipeline {folder!r}: T5 width "
+          f"{t5.module.d_model} differs from joint_attention_dim {context_dim}")
+  clip_length = getattr(clip_l.tokenizer, "model_max_length", 77)
+  clip_length = 77 if not isinstance(clip_length, int) or clip_length > 10 ** 6 else clip_length
+  return SD3TextStack(clip_l, clip_g, t5, context_dim, clip_length)
+
+
 class StableDiffusion3Pipeline:
   """MM-DiT + VAE + text stack + flow-matching scheduler; see the module docstring.
 
@@ -112,9 +167,7 @@ class StableDiffusion3Pipeline:
     """
     # pylint: disable=import-outside-toplevel  (heavy imports only when loading)
     from ldm_jax.convert import mmdit as mmdit_convert
-    from ldm_jax.convert import text_encoders as text_convert
     from ldm_jax.convert import vae as vae_convert
-    from ldm_jax.data.tokenizers import load_tokenizer
     from ldm_jax.diffusion.diffusers_schedulers import from_diffusers_scheduler
     from ldm_jax.models import vae as vae_models
     from ldm_jax.models.mmdit import MMDiT
@@ -131,32 +184,11 @@ class StableDiffusion3Pipeline:
           f"{vae_config['kind']!r} autoencoder; SD3 needs an AutoencoderKL")
     vae = vae_models.make(dict(vae_config, dtype=compute))
 
-    def encoder(te_name, tok_name, kind):
-      module, te_params = text_convert.load_text_encoder(sub(te_name))
-      check(getattr(module, "kind", kind) == kind, f"SD3 pipeline {folder!r}: {te_name} is a "
-            f"{getattr(module, 'kind', '?')} encoder, expected {kind}")
-      tokenizer = load_tokenizer(sub(tok_name), kind=kind, model_vocab_size=module.vocab_size)
-      return TextEncoder(tokenizer, module.clone(dtype=compute), _cast(te_params, compute), kind)
-
-    clip_l = encoder("text_encoder", "tokenizer", "clip")
-    clip_g = encoder("text_encoder_2", "tokenizer_2", "clip")
-    t5 = None
-    if load_t5 and _present(index, "text_encoder_3"):
-      check(_present(index, "tokenizer_3") and os.path.isdir(sub("tokenizer_3")),
-            f"SD3 pipeline {folder!r} has text_encoder_3 but no tokenizer_3")
-      t5 = encoder("text_encoder_3", "tokenizer_3", "t5")
-    for name, te in (("text_encoder", clip_l), ("text_encoder_2", clip_g)):
-      check(te.module.projection_dim, f"SD3 pipeline {folder!r}: {name} has no text projection "
-            "(SD3 needs CLIPTextModelWithProjection)")
-    pooled = clip_l.module.projection_dim + clip_g.module.projection_dim
-    check(pooled == transformer.pooled_dim, f"SD3 pipeline {folder!r}: the CLIP projections "
-          f"give {pooled} pooled features but the transformer takes {transformer.pooled_dim}")
-    if t5 is not None:
-      check(t5.module.d_model == transformer.context_dim, f"SD3 pipeline {folder!r}: T5 width "
-            f"{t5.module.d_model} differs from joint_attention_dim {transformer.context_dim}")
-    clip_length = getattr(clip_l.tokenizer, "model_max_length", 77)
-    clip_length = 77 if not isinstance(clip_length, int) or clip_length > 10 ** 6 else clip_length
-    text = SD3TextStack(clip_l, clip_g, t5, transformer.context_dim, clip_length)
+    text = load_text_stack(folder, dtype=dtype, load_t5=load_t5,
+                           context_dim=transformer.context_dim, index=index)
+    check(text.pooled_dim == transformer.pooled_dim, f"SD3 pipeline {folder!r}: the CLIP "
+          f"projections give {text.pooled_dim} pooled features but the transformer takes "
+          f"{transformer.pooled_dim}")
     scheduler = from_diffusers_scheduler(folder)
     check(scheduler.name == "flow_euler", f"SD3 pipeline {folder!r}: scheduler "
           f"{scheduler.class_name!r} is not a flow-matching scheduler; SD3 uses "

@@ -14,6 +14,8 @@ diffusers does.
 """
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Sequence
 
 import jax
@@ -44,6 +46,49 @@ def assemble(clip_l_hidden, clip_g_hidden, t5_hidden, clip_l_pooled, clip_g_pool
   context = jnp.concatenate([clip, t5_hidden.astype(clip.dtype)], axis=1)
   pooled = jnp.concatenate([clip_l_pooled, clip_g_pooled], axis=-1)
   return context, pooled
+
+
+# The parts of a condition, by encoder: what `SD3TextStack.encode_parts` returns and a
+# text-embedding cache stores. Per-encoder dropout (the SD3 paper drops each of the three
+# encoders independently, 46.4 % each, so that any subset works at inference) replaces
+# one encoder's parts at a time.
+PART_KEYS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
+ENCODER_PARTS = {"clip_l": ("clip_l", "pooled_l"), "clip_g": ("clip_g", "pooled_g"),
+                 "t5": ("t5",)}
+# A fixed string whose token ids enter the stack's fingerprint (special tokens, merges
+# and padding, not only the vocabulary).
+_TOKENIZER_PROBE = "A photo of 2 cats, one Ärger-free; the other: 日本! <probe> x" * 2
+
+
+def assemble_parts(parts) -> tuple:
+  """(context, pooled) of `encode_parts`' dict (any array type with jnp semantics)."""
+  return assemble(parts["clip_l"], parts["clip_g"], parts["t5"], parts["pooled_l"],
+                  parts["pooled_g"])
+
+
+def drop_encoders(parts: dict, null: dict, prob: float, key) -> dict:
+  """Drops each text encoder independently: for every example and every encoder of
+  ENCODER_PARTS, with probability `prob`, that encoder's parts are replaced by the
+  null condition's (`null`: zeros — what leaving an encoder out at inference gives,
+  e.g. SD3 without T5 — or the empty prompt's; see ldm_jax/data/text.py). All three
+  dropped at once (prob³) is the unconditional input of classifier-free guidance.
+
+  Args:
+    parts: dict of PART_KEYS arrays with a leading batch axis.
+    null: the same keys, one example each (no batch axis).
+    prob: per-encoder drop probability.
+    key: PRNG key.
+  """
+  batch = parts["clip_l"].shape[0]
+  out = dict(parts)
+  for i, keys in enumerate(ENCODER_PARTS.values()):
+    drop = jax.random.bernoulli(jax.random.fold_in(key, i), prob, (batch,))
+    for k in keys:
+      value = parts[k]
+      where = drop.reshape((-1,) + (1,) * (value.ndim - 1))
+      out[k] = jnp.where(where, jnp.broadcast_to(null[k].astype(value.dtype), value.shape),
+                         value)
+  return out
 
 
 @dataclasses.dataclass
@@ -77,6 +122,48 @@ class SD3TextStack:
     self.context_dim = int(context_dim)
     self.clip_length = int(clip_length)
 
+  @property
+  def pooled_dim(self) -> int:
+    """Width of the pooled vector: the two CLIP projections."""
+    return int(self.clip_l.module.projection_dim) + int(self.clip_g.module.projection_dim)
+
+  def part_shapes(self, max_sequence_length: int) -> dict:
+    """{part: per-example shape} of `encode_parts` (PART_KEYS)."""
+    return {"clip_l": (self.clip_length, int(self.clip_l.module.hidden_size)),
+            "clip_g": (self.clip_length, int(self.clip_g.module.hidden_size)),
+            "t5": (int(max_sequence_length), self.context_dim),
+            "pooled_l": (int(self.clip_l.module.projection_dim),),
+            "pooled_g": (int(self.clip_g.module.projection_dim),)}
+
+  def fingerprint(self, **settings) -> str:
+    """sha256 of what decides the embeddings: every encoder weight, each tokenizer's
+    vocabulary (its `get_vocab()`) and its ids of a fixed probe string (special
+    tokens, merges, padding), the CLIP length, whether T5 is used, and `settings`
+    (e.g. max_sequence_length, clip_skip). A text-embedding cache records it; sampling
+    with another stack is refused. Computed once per stack and settings."""
+    key = json.dumps(settings, sort_keys=True, default=str)
+    memo = self.__dict__.setdefault("_fingerprints", {})
+    if key not in memo:
+      memo[key] = self._fingerprint(settings)
+    return memo[key]
+
+  def _fingerprint(self, settings: dict) -> str:
+    # pylint: disable=import-outside-toplevel
+    from ldm_jax.data.latents import vae_fingerprint
+    encoders = {"clip_l": self.clip_l, "clip_g": self.clip_g}
+    if self.t5 is not None:
+      encoders["t5"] = self.t5
+    config = dict(settings, clip_length=self.clip_length, context_dim=self.context_dim,
+                  t5=self.t5 is not None)
+    for name, encoder in encoders.items():
+      vocab = encoder.tokenizer.get_vocab()
+      config[f"{name}_vocab"] = hashlib.sha256(json.dumps(
+          sorted(vocab.items()), separators=(",", ":")).encode()).hexdigest()
+      probe = encoder.tokenizer([_TOKENIZER_PROBE, ""], padding="max_length", max_length=48,
+                                truncation=True)["input_ids"]
+      config[f"{name}_probe"] = [list(map(int, ids)) for ids in probe]
+    return vae_fingerprint({k: e.params for k, e in encoders.items()}, config)
+
   def encode(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None,
              prompts_3: Sequence[str] | None = None, *, max_sequence_length: int = 256,
              clip_skip: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -84,6 +171,18 @@ class SD3TextStack:
 
     `prompts_2` goes to CLIP-G and `prompts_3` to T5; each defaults to `prompts`.
     """
+    return assemble_parts(self.encode_parts(
+        prompts, prompts_2, prompts_3, max_sequence_length=max_sequence_length,
+        clip_skip=clip_skip))
+
+  def encode_parts(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None,
+                   prompts_3: Sequence[str] | None = None, *, max_sequence_length: int = 256,
+                   clip_skip: int | None = None) -> dict:
+    """Each encoder's share of the condition, before `assemble` (PART_KEYS): clip_l
+    (B, clip_length, d_l), clip_g (B, clip_length, d_g), t5 (B, max_sequence_length,
+    context_dim; zeros without T5), pooled_l (B, p_l), pooled_g (B, p_g). A
+    text-embedding cache stores these, so that training can drop each encoder on
+    its own (`drop_encoders`)."""
     # pylint: disable=import-outside-toplevel
     from ldm_jax.data.tokenizers import check_ids, tokenize
     # As diffusers (`prompt_2 or prompt`): None, "" and [] all fall back to `prompts`.
@@ -117,4 +216,5 @@ class SD3TextStack:
     check(t5_hidden.shape[-1] == self.context_dim,
           f"SD3 text: T5 width {t5_hidden.shape[-1]} differs from the transformer's "
           f"joint_attention_dim {self.context_dim}")
-    return assemble(hidden[0], hidden[1], t5_hidden, pooled[0], pooled[1])
+    return {"clip_l": hidden[0], "clip_g": hidden[1], "t5": t5_hidden,
+            "pooled_l": pooled[0], "pooled_g": pooled[1]}

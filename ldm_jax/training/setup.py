@@ -11,9 +11,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax import run_config
-from ldm_jax.data.text import condition_struct, is_text, null_condition
+from ldm_jax.data.text import condition_struct, is_sd3, is_text, null_condition
 from ldm_jax.diffusion import build_process
 from ldm_jax.errors import check
 from ldm_jax.models import build_model
@@ -38,6 +39,7 @@ class TrainingSetup:
   abstract_state: Any       # ShapeDtypeStructs carrying their shardings
   step_fn: Callable         # (state, batch, frozen) -> (state, metrics), traced under the rules
   init_args: tuple = None   # dummy inputs of model.init (None: a denoiser's)
+  abstract_data: bool = False  # shapes from the config alone (no latent cache read)
 
   def jit_step(self):
     """The step jitted with the state's and batch's shardings, the state donated;
@@ -80,17 +82,26 @@ class TrainingSetup:
       return dict(batch, image=struct(size, jnp.uint8))
     from ldm_jax.data.latents import read_manifest
     batch["latent"] = struct(size, jnp.float32)
-    if read_manifest(data.get("latent_cache", ""))["store"] == "mean_std":
+    if self.abstract_data and not data.get("latent_cache", ""):
+      store = self.config.get("cache", {}).get("store", "") or "mean_std"
+    else:
+      store = read_manifest(data.get("latent_cache", ""))["store"]
+    if store == "mean_std":
       batch["latent_std"] = struct(size, jnp.float32)
     return batch
 
   def frozen_abstract(self):
     """ShapeDtypeStructs of `load_frozen()`'s result (replicated), for lowering."""
     if self.task != "autoencode":
-      return jax.tree_util.tree_map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(self.mesh)),
-          ({"null_condition": null_condition(self.config.data)}
-           if is_text(self.config.data) and self.task == "denoise" else {}))
+      replicated = sharding.replicated(self.mesh)
+      if not (is_text(self.config.data) and self.task == "denoise"):
+        return {}
+      # One example of the condition (no batch axis): int32 tokens or float32 parts,
+      # as `null_condition` returns them (no encoder is loaded for this).
+      return {"null_condition": {
+          k: jax.ShapeDtypeStruct(shape[1:], np.int32 if k == "tokens" else np.float32,
+                                  sharding=replicated)
+          for k, (shape, _) in condition_struct(self.config.data, 1).items()}}
     from ldm_jax.training.autoencoder import frozen_struct
     replicated = sharding.replicated(self.mesh)
     return jax.tree_util.tree_map(
@@ -98,11 +109,12 @@ class TrainingSetup:
         frozen_struct(self.config.loss))
 
 
-def build_training(config, devices=None) -> TrainingSetup:
+def build_training(config, devices=None, abstract_data: bool = False) -> TrainingSetup:
   """A `TrainingSetup` for `config` on `devices` (default: all of this run's devices;
   a TPU topology's devices for ahead-of-time compilation). Every check that can fail
-  on the config runs here, before anything is written."""
-  run_config.validate(config)
+  on the config runs here, before anything is written. `abstract_data`: batch shapes
+  from the config alone, so a latent cache need not exist yet (ahead of time)."""
+  run_config.validate(config, need_data=not abstract_data)
   task = run_config.task_of(config)
   init_args = None
   if task == "autoencode":
@@ -146,10 +158,16 @@ def build_training(config, devices=None) -> TrainingSetup:
     text_dropout = float(config.model.get("text_dropout", 0.0)) if is_text(config.data) else 0.0
     check(0.0 <= text_dropout < 1.0,
           f"model.text_dropout={text_dropout} must lie in [0, 1)")
+    encoder_dropout = (float(config.model.get("text_encoder_dropout", 0.0))
+                       if is_sd3(config.data) else 0.0)
+    check(0.0 <= encoder_dropout < 1.0,
+          f"model.text_encoder_dropout={encoder_dropout} must lie in [0, 1)")
+
     denoise_step = make_train_step(model, process, tx, config.optim.ema_decay,
                                    config.optim.ema_warmup, schedule, task=task,
                                    grad_accum_steps=accum, nan_policy=nan_policy,
-                                   text_dropout=text_dropout)
+                                   text_dropout=text_dropout,
+                                   encoder_dropout=encoder_dropout)
     raw_step = denoise_step
 
   def step_fn(state, batch, frozen):
@@ -159,4 +177,4 @@ def build_training(config, devices=None) -> TrainingSetup:
   return TrainingSetup(config=config, task=task, model=model, process=process, tx=tx,
                        mesh=mesh, rules=rules, batch_sharding=batch_sharding,
                        state_shardings=state_shardings, abstract_state=abstract_state,
-                       step_fn=step_fn, init_args=init_args)
+                       step_fn=step_fn, init_args=init_args, abstract_data=abstract_data)

@@ -176,6 +176,8 @@ def replicated(mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
-  """This process's numpy batch -> global jax arrays sharded along the batch."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  """This process's numpy batch -> global jax arrays sharded along the batch. String
+  entries (e.g. a latent cache's "caption") stay on the host: they are not inputs."""
+  arrays = {k: np.asarray(v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in arrays.items() if v.dtype.kind not in "USO"}

@@ -16,6 +16,7 @@ import optax
 from ldm_jax.diffusion.process import training_draws
 from ldm_jax.errors import check
 from ldm_jax.models.registry import model_labels
+from ldm_jax.pipelines.sd3_text import PART_KEYS, drop_encoders
 from ldm_jax.training.ema import ema_decay, ema_update
 from ldm_jax.training.train_state import TrainState
 
@@ -42,8 +43,9 @@ def batch_inputs(batch, key):
 
 
 # Batch entries that condition a text-to-image denoiser: token ids (a model with its
-# own text encoder) or precomputed text embeddings (a text-embedding cache).
-TEXT_KEYS = ("tokens", "context", "pooled")
+# own text encoder) or precomputed text embeddings: assembled (context, pooled) or, from
+# an SD3 text-embedding cache, each encoder's parts (ldm_jax/pipelines/sd3_text.py).
+TEXT_KEYS = ("tokens", "context", "pooled") + PART_KEYS
 
 
 def batch_condition(batch):
@@ -81,7 +83,7 @@ def classifier_loss(logits, labels):
 
 def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedule=None,
                     task: str = "denoise", grad_accum_steps: int = 1, nan_policy: str = "stop",
-                    text_dropout: float = 0.0):
+                    text_dropout: float = 0.0, encoder_dropout: float = 0.0):
   """Builds `train_step(state, batch, frozen=None) -> (state, metrics)`.
 
   Args:
@@ -99,6 +101,9 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedul
       non-finite loss or gradient applies no update (metric `skipped` = 1).
     text_dropout: probability of replacing a text condition by the null one
       (`frozen["null_condition"]`, the empty prompt's), for classifier-free guidance.
+    encoder_dropout: for a condition of SD3 encoder parts, the probability of dropping
+      each encoder on its own to the null condition's parts (`sd3_text.drop_encoders`;
+      the SD3 paper's 46.4 %).
   """
   check(task in TASKS, f"unknown task {task!r}; valid: {list(TASKS)}")
   check(nan_policy in NAN_POLICIES,
@@ -150,6 +155,9 @@ def make_train_step(model, process, tx, ema: float, ema_warmup: bool, lr_schedul
     x0 = batch_inputs(batch, step_rng)
     draws = training_draws(process, loss_rng, x0)
     cond = batch_condition(batch)
+    if encoder_dropout > 0 and isinstance(cond, dict) and "t5" in cond:
+      cond = drop_encoders(cond, frozen["null_condition"], encoder_dropout,
+                           jax.random.fold_in(dropout_rng, 13))
     if text_dropout > 0 and isinstance(cond, dict):
       cond = drop_condition(cond, frozen["null_condition"], text_dropout,
                             jax.random.fold_in(dropout_rng, 11))
