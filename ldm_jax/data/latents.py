@@ -311,7 +311,6 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
     nonlocal shape, captions, written, text_shapes
     arrays = _to_numpy(encoded, keys, store)
     n = len(np.asarray(batch["image"]))
-    labels = np.asarray(batch["label"]) if num_classes else np.zeros((n,), np.int32)
     for k, a in arrays.items():
       check(a.ndim == 4 and a.shape[0] == n,
             f"encode_fn returned {k!r} of shape {a.shape} for a batch of {n} images; "
@@ -325,12 +324,14 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
       got = {k: list(a.shape[1:]) for k, a in text.items()}
       text_shapes = text_shapes or got
       check(got == text_shapes, f"text_fn returned parts {got}; earlier {text_shapes}")
-    check(np.issubdtype(labels.dtype, np.integer) and labels.shape == (n,),
-          f"batch labels must be integers of shape ({n},); got {labels.dtype} {labels.shape}")
-    bad = labels[(labels < 0) | (labels >= max(num_classes, 1))]
-    check(bad.size == 0, f"label {bad[:1].tolist()} out of range [0, num_classes="
-          f"{num_classes}) in the batch starting at example {written} of process "
-          f"{process_index}")
+    if num_classes:  # a label-free (text) cache stores none
+      labels = np.asarray(batch["label"])
+      check(np.issubdtype(labels.dtype, np.integer) and labels.shape == (n,),
+            f"batch labels must be integers of shape ({n},); got {labels.dtype} {labels.shape}")
+      bad = labels[(labels < 0) | (labels >= num_classes)]
+      check(bad.size == 0, f"label {bad[:1].tolist()} out of range [0, num_classes="
+            f"{num_classes}) in the batch starting at example {written} of process "
+            f"{process_index}")
     has_captions = "caption" in batch
     captions = has_captions if captions is None else captions
     check(captions == has_captions, "either every batch or no batch must carry 'caption'")

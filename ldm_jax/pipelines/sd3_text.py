@@ -127,14 +127,6 @@ class SD3TextStack:
     """Width of the pooled vector: the two CLIP projections."""
     return int(self.clip_l.module.projection_dim) + int(self.clip_g.module.projection_dim)
 
-  def part_shapes(self, max_sequence_length: int) -> dict:
-    """{part: per-example shape} of `encode_parts` (PART_KEYS)."""
-    return {"clip_l": (self.clip_length, int(self.clip_l.module.hidden_size)),
-            "clip_g": (self.clip_length, int(self.clip_g.module.hidden_size)),
-            "t5": (int(max_sequence_length), self.context_dim),
-            "pooled_l": (int(self.clip_l.module.projection_dim),),
-            "pooled_g": (int(self.clip_g.module.projection_dim),)}
-
   def fingerprint(self, **settings) -> str:
     """sha256 of what decides the embeddings: every encoder weight, each tokenizer's
     vocabulary (its `get_vocab()`) and its ids of a fixed probe string (special
