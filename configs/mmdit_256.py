@@ -13,11 +13,18 @@ Presets (`--config=configs/mmdit_256.py:NAME`):
              diffusers SD3 folder's three text encoders) into a sharded, fingerprinted
              latent + text-embedding cache; training reads data.latent_cache. Without
              them it stops in seconds and says what it needs.
-  shapes     the built-in captioned shapes (ldm_jax/data/shapes.py) at 64x64 pixels: a
-             small MM-DiT (patch 8: 64 image tokens) with its own two-layer text encoder
-             over the built-in word tokenizer, rectified flow with logit-normal times,
-             trained from scratch on a 2-core CPU; samples are scored by the shapes judge.
-  tiny       a seconds-long smoke configuration of the shapes chain for the tests.
+  shapes     the whole LDM chain on the built-in captioned shapes (ldm_jax/data/shapes.py)
+             at 64x64, trained from scratch on a 2-core CPU by one command
+             (ldm_jax/chain.py): the shapes-kl-f4 autoencoder (config.first_stage,
+             64x64x3 -> 16x16x4) in WORKDIR/first_stage, a captioned latent cache of
+             24,000 shapes in WORKDIR/latents, then a small MM-DiT (4x4 latent patches:
+             16 image tokens) with its own two-layer text encoder over the built-in word
+             tokenizer, rectified flow with logit-normal times and shift 3. Samples are
+             decoded by that autoencoder and scored by the shapes judge.
+  shapes_vae the chain's first stage on its own (an autoencode run).
+  shapes_pixels  the same MM-DiT recipe directly on 64x64 pixels (8x8 patches), kept
+             for comparison (BUILD_NOTES: the latent chain is far better on a CPU budget).
+  tiny / tiny_chain  seconds-long smoke configurations (pixels / the chain) for the tests.
 """
 
 import ml_collections
@@ -25,7 +32,7 @@ import ml_collections
 from ldm_jax.errors import UserError
 from ldm_jax.run_config import load_sibling_config
 
-PRESETS = ("", "shapes", "tiny")
+PRESETS = ("", "shapes", "shapes_vae", "shapes_pixels", "tiny", "tiny_chain")
 
 
 def _text_to_image_base():
@@ -49,21 +56,71 @@ def _text_to_image_base():
   return config
 
 
-def _shapes(config, size: int):
-  data = config.data
+def _shapes_data(data, size: int):
+  """The built-in captioned shapes (ldm_jax/data/shapes.py) at size x size pixels."""
   data.source = "shapes"
   data.split = "train"
   data.image_size = size
   data.channels = 3
+  data.num_classes = 0
   data.tokenizer = "shapes-words"
   data.max_tokens = 12
   data.num_examples = 1_000_000  # generated on the fly, deterministic per index
   data.two_shape_fraction = 0.5
   data.shapes_seed = 0
+  return data
+
+
+def _shapes(config, size: int):
+  _shapes_data(config.data, size)
   config.model.text_vocab_size = 17  # the word tokenizer's vocabulary
-  config.model.text_max_length = data.max_tokens
+  config.model.text_max_length = config.data.max_tokens
   config.sample.judge = True
   config.sample.prompts = ""  # a file; '' = the held-out prompts of the shapes grammar
+  return config
+
+
+def _shapes_recipe(config):
+  """Training and sampling of the shapes MM-DiTs (pixels or latents) on a 2-core CPU."""
+  config.num_train_steps = 3000
+  config.data.batch_size = 32
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 200
+  config.optim.ema_decay = 0.999
+  config.ckpt.every_steps = 1000
+  config.eval.every_steps = 1000
+  config.sample.num = 256      # held-out prompts: 128 one-shape, 128 two-shape images
+  config.sample.batch_size = 128
+  config.sample.num_steps = 20
+  config.sample.guidance_scale = 3.0
+  # SD3's time shift (§5.3.2): more training and sampling steps at high noise, where
+  # the layout is decided (shift 1 left fragmented shapes; BUILD_NOTES).
+  config.diffusion.shift = 3.0
+  return config
+
+
+def shapes_autoencoder(size: int = 64, steps: int = 500):
+  """The first stage of the shapes chain: the shapes-kl-f4 KL autoencoder (64x64x3 ->
+  16x16x4) on the captioned shapes, an L2 reconstruction loss (L1 drops the sparse
+  blue shapes for hundreds of steps; BUILD_NOTES) with LDM's KL weight, no
+  discriminator (not needed for flat shapes on black), and its latent-cache options."""
+  config = load_sibling_config(__file__, "vae_mnist.py", None)
+  _shapes_data(config.data, size)
+  config.data.batch_size = 16
+  config.model.variant = "shapes-kl-f4"
+  config.loss.pixel = "l2"
+  config.loss.disc_start = 10**9  # never: the GAN terms stay weighted 0
+  config.num_train_steps = steps
+  config.log_every_steps = 100
+  config.ckpt.every_steps = 300
+  config.eval.split = "heldout"   # shapes with the held-out captions
+  config.eval.num_images = 200
+  cache = config.cache
+  cache.split = "train"
+  cache.num_examples = 24_000     # the shapes are endless: encode this many
+  cache.batch_size = 250
+  cache.store = "mean_std"        # a fresh posterior sample each training step
+  cache.scale = "auto"            # LDM's scale_by_std
   return config
 
 
@@ -72,24 +129,46 @@ def get_config(arg: str | None = None):
   if preset not in PRESETS:
     raise UserError(f"unknown preset {preset!r} for configs/mmdit_256.py; "
                     f"valid: {[p for p in PRESETS if p]} or none")
+  if preset == "shapes_vae":
+    return shapes_autoencoder()
   config = _text_to_image_base()
-  if preset == "shapes":
-    config = _shapes(config, 64)
+  if preset == "shapes_pixels":
+    config = _shapes_recipe(_shapes(config, 64))
     config.model.variant = "shapes"
-    config.num_train_steps = 3000
-    config.data.batch_size = 32
-    config.optim.learning_rate = 1e-3
-    config.optim.warmup_steps = 200
-    config.optim.ema_decay = 0.999
-    config.ckpt.every_steps = 1000
-    config.eval.every_steps = 1000
-    config.sample.num = 256      # held-out prompts: 128 one-shape, 128 two-shape images
-    config.sample.batch_size = 128
-    config.sample.num_steps = 20
-    config.sample.guidance_scale = 3.0
-    # SD3's time shift (§5.3.2): more training and sampling steps at high noise, where
-    # the layout is decided (shift 1 left fragmented shapes; BUILD_NOTES).
-    config.diffusion.shift = 3.0
+    return config
+  if preset in ("shapes", "tiny_chain"):
+    # The LDM chain: first stage, latent cache, then the MM-DiT on the latents; all
+    # from this one config (ldm_jax/chain.py), in --workdir.
+    config = _shapes(config, 64)
+    config.first_stage = shapes_autoencoder()
+    _shapes_data(config.data, 16)
+    data = config.data
+    data.source = "latents"
+    data.latent_cache = ""       # '' = WORKDIR/latents, built from config.first_stage
+    data.vae = ""                # the autoencoder the cache's manifest names
+    data.channels = 4
+    config.model.variant = "shapes-latent"
+    config = _shapes_recipe(config)
+    config.num_train_steps = 6000  # 16 image tokens: 2.7x the steps/s of the pixel model
+    if preset == "tiny_chain":
+      stage = config.first_stage
+      stage.model.variant = "tiny-kl"  # f2: 32x32x3 -> 16x16x4
+      _shapes_data(stage.data, 32)
+      stage.data.batch_size = 8
+      stage.num_train_steps = 2
+      stage.log_every_steps = 1
+      stage.ckpt.every_steps = 2
+      stage.optim.warmup_steps = 1
+      stage.eval.num_images = 8
+      stage.cache.num_examples = 48
+      stage.cache.batch_size = 16
+      config.model.variant = "tiny"
+      config.model.patch_size = 4
+      config.model.input_size = 16
+      config.model.in_channels = 4
+      config.model.pos_embed_max_size = 8
+      config.model.text_encoder = "tiny-clip"
+      _tiny_loop(config)
     return config
   if preset == "tiny":
     config = _shapes(config, 32)
@@ -98,15 +177,19 @@ def get_config(arg: str | None = None):
     config.model.in_channels = 3
     config.model.pos_embed_max_size = 8
     config.model.text_encoder = "tiny-clip"
-    config.num_train_steps = 4
-    config.log_every_steps = 2
-    config.data.batch_size = 8
-    config.ckpt.every_steps = 2
-    config.sample.num = 4
-    config.sample.batch_size = 4
-    config.sample.num_steps = 2
+    _tiny_loop(config)
     return config
   return _sd3_medium(config)
+
+
+def _tiny_loop(config):
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.data.batch_size = 8
+  config.ckpt.every_steps = 2
+  config.sample.num = 4
+  config.sample.batch_size = 4
+  config.sample.num_steps = 2
 
 
 # The SD3-medium preset: two commands (encode once, then train on the cache).

@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cache.shard_size = 4096
   cache.use_ema = False
   cache.scale = "auto"           # auto: LDM's scale_by_std (1 / std of the first batch) | model
+  cache.num_examples = 0         # encode only the first N examples (0 = all)
 
   if preset in ("vq", "vq_ema", "tiny_vq"):
     model.variant = "mnist-vq-f4"

@@ -141,7 +141,9 @@ def load_first_stage(path: str, use_ema: bool = False, step: int | None = None) 
 
 CACHE_DEFAULTS = dict(store="", dtype="float32", split="train", batch_size=250,
                       shard_size=4096, use_ema=False, scale="model", vae="", source="",
-                      image_size=0)
+                      image_size=0, num_examples=0)
+# cache.num_examples: encode only the source's first N examples (0 = all of them; the
+# built-in shapes are an endless generator with a nominal data.num_examples).
 # cache.source: "" encodes config.data itself; "captions" encodes the image + .txt
 # caption folder data.folder at cache.image_size pixels (a text-to-image config whose
 # training data is the cache: data.source = "latents").
@@ -210,6 +212,20 @@ def make_encode_fn(stage: FirstStage, store: str, batch_size: int, seed: int = 0
   return encode_fn
 
 
+class _Head:
+  """The first `n` examples of a random-access source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, int(n)
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    check(0 <= int(index) < self.n, f"example {index} out of range [0, {self.n})")
+    return self.source[index]
+
+
 def cache_latents(config, workdir: str, cache_dir: str) -> dict:
   """`--mode=cache_latents`: encodes `config.data` (split `config.cache.split`) with the
   autoencoder of the run in `workdir` into a new latent cache `cache_dir`; returns its
@@ -218,8 +234,9 @@ def cache_latents(config, workdir: str, cache_dir: str) -> dict:
   use_ema, scale ("model": the autoencoder's scaling_factor; "auto": LDM's scale_by_std,
   1 / std of the first batch's latents, recorded in the manifest and used to decode),
   vae (the autoencoder's run or diffusers folder instead of `workdir`), source and
-  image_size (CACHE_SOURCES). With data.tokenizer = "sd3" every caption is also encoded
-  by SD3's text stack (data.text_pipeline) into the cache's text embeddings."""
+  image_size (CACHE_SOURCES), num_examples (the first N; 0 = all). With data.tokenizer
+  = "sd3" every caption is also encoded by SD3's text stack (data.text_pipeline) into
+  the cache's text embeddings."""
   from ldm_jax.data import latents
   from ldm_jax.data.pipeline import make_source
   check(bool(cache_dir), "--mode=cache_latents needs --cache_dir=DIR (a new directory)")
@@ -269,6 +286,10 @@ def cache_latents(config, workdir: str, cache_dir: str) -> dict:
           f"{latent_channels} or use another autoencoder")
   else:
     source = make_source(config.data, options["split"])
+  limit = int(options["num_examples"])
+  check(limit >= 0, f"config.cache.num_examples={limit} must be >= 0 (0 = the whole source)")
+  if 0 < limit < len(source):
+    source = _Head(source, limit)
   batch_size = int(options["batch_size"])
   text_fn = text_info = None
   if is_sd3(config.data):

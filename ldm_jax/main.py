@@ -138,6 +138,11 @@ def main(argv):
     if _CACHE.value:
       jax.config.update("jax_compilation_cache_dir", _CACHE.value)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if _MODE.value != "cache_latents":  # a config that builds its own first stage
+      from ldm_jax.chain import resolve
+      config = resolve(config, _WORKDIR.value, _MODE.value)
+      if config is None:  # its autoencoder was stopped early: the same command resumes
+        return
     if _MODE.value == "train":
       from ldm_jax.train import train_and_evaluate
       train_and_evaluate(config, _WORKDIR.value)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data.text import is_text, null_condition, prompt_condition
+from ldm_jax.data.text import is_shapes_text, is_text, null_condition, prompt_condition
 from ldm_jax.diffusion.classifier_guidance import check_guided_sampler, make_cond_fn
 from ldm_jax.diffusion.guidance import guided_model_fn
 from ldm_jax.diffusion.samplers import check_sample_config, run_sampler
@@ -83,7 +83,7 @@ def sample_prompts(config) -> list[str]:
   if path:
     from ldm_jax.data.shapes import read_prompts_file
     return read_prompts_file(path)
-  check(config.data.source == "shapes", "sample.prompts: give a prompts file (one prompt per "
+  check(is_shapes_text(config.data), "sample.prompts: give a prompts file (one prompt per "
         "line) to sample a text-to-image model")
   from ldm_jax.data.shapes import heldout_prompts
   one, two = heldout_prompts("one"), heldout_prompts("two")
@@ -310,7 +310,7 @@ def sample_from_workdir(config, workdir: str) -> str:
   write_outputs(out_dir, images, labels, columns=8 if is_text(config.data)
                 else min(config.data.num_classes, 16))
   logger.info("wrote %d samples to %s", len(images), out_dir)
-  if config.sample.judge and config.data.source == "shapes":
+  if config.sample.judge and is_shapes_text(config.data):
     from ldm_jax.evaluation.shapes_judge import judge_samples
     logger.info("shapes judge: %s", judge_samples(images, labels, out_dir))
   elif config.sample.judge and source_is_mnist(config.data):

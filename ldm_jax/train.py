@@ -23,7 +23,7 @@ from ldm_jax.data.pipeline import make_train_iterator
 from ldm_jax.diffusion.samplers import check_sample_config
 from ldm_jax.errors import UserError
 from ldm_jax.models import count_params
-from ldm_jax.data.text import cached_grid_condition, is_text, prompt_condition
+from ldm_jax.data.text import cached_grid_condition, is_shapes_text, is_text, prompt_condition
 from ldm_jax.sample import grid_prompts, make_sample_fn, to_host
 from ldm_jax.training import sharding
 from ldm_jax.training.checkpoint import Checkpointer
@@ -52,7 +52,7 @@ def log_sample_grid(sample_fn, params, config, step, writer, workdir):
       cond = prompt_condition(config.data, prompts)
     images = to_host(sample_fn(params, cond, jax.random.key(config.sample.seed)))
     grid = image_grid(images, 8)
-    if config.data.source == "shapes":
+    if is_shapes_text(config.data):
       from ldm_jax.evaluation.shapes_judge import score
       result = score(images, prompts)
       writer.scalars(step, {"eval/shapes_accuracy": result["accuracy"]})

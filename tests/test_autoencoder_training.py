@@ -155,6 +155,9 @@ def test_before_disc_start_no_gan_and_a_still_discriminator():
                                           ema=0.0, ema_warmup=False))
   new_state, metrics = step(state, _batch(), {})
   assert float(metrics["disc_factor"]) == 0.0 and float(metrics["d_loss"]) == 0.0
+  # Not computed at all before disc_start (lax.cond): D's outputs and λ read 0.
+  assert float(metrics["d_weight"]) == float(metrics["g_loss"]) == 0.0
+  assert float(metrics["logits_real"]) == float(metrics["grad_norm_disc"]) == 0.0
   for a, b in zip(jax.tree_util.tree_leaves(state.params["discriminator"]),
                   jax.tree_util.tree_leaves(new_state.params["discriminator"])):
     np.testing.assert_array_equal(a, b)

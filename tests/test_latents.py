@@ -283,3 +283,28 @@ def test_pipeline_config_errors(tmp_path):
     make_source(_latent_config(out, **{"data.num_classes": 10}))
   with pytest.raises(UserError, match="does not exist"):
     make_source(_latent_config(tmp_path / "missing"))
+
+
+def test_caption_cache_feeds_a_word_tokenizer(tmp_path):
+  """data.tokenizer = shapes-words over a captioned latent cache: each record gets the
+  tokens of its own caption (the model's text encoder reads them); a cache without
+  captions is refused, naming the flag."""
+  from ldm_jax.data.text import tokenizer_for
+  images, _ = _images()
+  captions = ["a red circle", "a blue square left of a green triangle", "a yellow square"]
+  batches = [{"image": images[:3], "caption": captions}]
+  latents.write_cache(str(tmp_path / "c"), batches, _sample, store="sample", vae_info={},
+                      fingerprint="x", source_info={}, num_classes=0)
+  data = _latent_config(tmp_path / "c", **{"data.num_classes": 0,
+                                           "data.tokenizer": "shapes-words",
+                                           "data.max_tokens": 12})
+  source = make_source(data)
+  tokenizer = tokenizer_for(data)
+  for i, caption in enumerate(captions):
+    record = source[i]
+    assert record["caption"] == caption and record["tokens"].dtype == np.int32
+    np.testing.assert_array_equal(record["tokens"], tokenizer([caption])[0][0])
+  assert len(set(source[i]["tokens"].tobytes() for i in range(3))) == 3
+  _write(tmp_path / "plain")
+  with pytest.raises(UserError, match="data.tokenizer='shapes-words' reads the captions.*has none"):
+    make_source(_latent_config(tmp_path / "plain", **{"data.tokenizer": "shapes-words"}))

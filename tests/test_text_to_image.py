@@ -103,6 +103,68 @@ def test_tiny_chain_trains_and_samples_prompts(tmp_path):
   _check_export(workdir, tmp_path / "export")
 
 
+def test_latent_chain_from_one_config(tmp_path):
+  """configs/mmdit_256.py:tiny_chain (the shapes preset's LDM chain, tiny): one config
+  trains its autoencoder, caches the captioned latents and trains the MM-DiT on them;
+  sampling decodes with that autoencoder; a second run rebuilds nothing; an interrupted
+  encoding is discarded; a foreign WORKDIR/latents is refused, not overwritten."""
+  from ldm_jax import chain
+  from ldm_jax.data.latents import MANIFEST, read_manifest
+  from ldm_jax.sample import sample_from_workdir
+  from ldm_jax.train import train_and_evaluate
+  config = load_config("configs/mmdit_256.py", "tiny_chain")
+  workdir = str(tmp_path / "run")
+  vae_dir, cache_dir = chain.chain_dirs(workdir)
+  with pytest.raises(UserError, match="run --mode=train first"):
+    chain.resolve(config, workdir, "sample")
+  os.makedirs(cache_dir + ".partial")  # what a process killed while encoding leaves
+  with open(os.path.join(cache_dir + ".partial", "shard-junk"), "w") as f:
+    f.write("x")
+  resolved = chain.resolve(config, workdir, "train")
+  assert resolved.data.latent_cache == cache_dir and config.data.latent_cache == ""
+  assert not os.path.exists(cache_dir + ".partial")
+  manifest = read_manifest(cache_dir)
+  assert manifest["num_examples"] == 48 and manifest["captions"]
+  assert manifest["num_classes"] == 0 and tuple(manifest["latent_shape"]) == (16, 16, 4)
+  assert os.path.abspath(manifest["vae"]["path"]) == vae_dir
+  stamp = os.path.getmtime(os.path.join(cache_dir, MANIFEST))
+  state = train_and_evaluate(resolved, workdir)
+  assert int(state.step) == 4
+  again = chain.resolve(config, workdir, "train")  # complete: nothing retrained / re-encoded
+  assert again.data.latent_cache == cache_dir
+  assert os.path.getmtime(os.path.join(cache_dir, MANIFEST)) == stamp
+  out = sample_from_workdir(chain.resolve(config, workdir, "sample"), workdir)
+  samples = np.load(os.path.join(out, "samples.npz"))
+  assert samples["arr_0"].shape == (4, 32, 32, 3)  # decoded by the tiny-kl autoencoder
+  assert os.path.exists(os.path.join(out, "judge.json"))
+  # --mode=export of the latent MM-DiT: also its autoencoder, with the cache's scale,
+  # which diffusers loads and decodes as ours does.
+  torch = pytest.importorskip("torch")
+  from diffusers import AutoencoderKL
+  from ldm_jax.first_stage import decoder_for
+  from ldm_jax.pipelines.export import export_text_to_image
+  export_text_to_image(chain.resolve(config, workdir, "export"), workdir, str(tmp_path / "x"))
+  theirs = AutoencoderKL.from_pretrained(str(tmp_path / "x" / "vae")).eval()
+  assert theirs.config.scaling_factor == pytest.approx(manifest["vae"]["scaling_factor"])
+  assert theirs.config.sample_size == 32
+  stage = decoder_for(chain.resolve(config, workdir, "sample"))
+  z = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  ours = np.asarray(stage.model.apply({"params": stage.params}, jnp.asarray(z),
+                                      method=stage.model.decode))
+  with torch.no_grad():
+    ref = theirs.decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy()
+  np.testing.assert_allclose(ref.transpose(0, 2, 3, 1), ours, atol=1e-4 * np.abs(ref).max())
+  # A first stage other than the one this workdir built is refused.
+  changed = load_config("configs/mmdit_256.py", "tiny_chain",
+                        **{"first_stage.cache.num_examples": 32})
+  with pytest.raises(UserError, match="num_examples: config 32 vs cache 48"):
+    chain.resolve(changed, workdir, "train")
+  other = str(tmp_path / "other")
+  os.makedirs(os.path.join(other, "latents"))
+  with pytest.raises(UserError, match="holds no complete latent cache"):
+    chain.resolve(config, other, "train")
+
+
 def _check_export(workdir, out):
   """--mode=export: the MM-DiT loads in diffusers and computes what ours computes; the
   text encoder loads in transformers; nothing is overwritten."""

@@ -24,7 +24,7 @@ TOL = 1e-5  # max |ours - ref| / max |ref|, float32
 GOLDEN_PARAMS = {"sd": 83_653_863, "sdxl": 83_653_863, "sd3": 83_819_683,
                  "kl-f4": 55_312_063, "vq-f4": 55_322_782, "vq-f8": 67_717_295,
                  "tiny-kl": 167_959, "tiny-vq": 179_214,
-                 "mnist-kl-f4": 954_567, "mnist-vq-f4": 956_303}
+                 "mnist-kl-f4": 954_567, "mnist-vq-f4": 956_303, "shapes-kl-f4": 681_911}
 SD_LIKE = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
                latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
                up_block_types=("UpDecoderBlock2D",) * 3)
@@ -203,7 +203,8 @@ def _diffusers_meta_count(name):
 def test_golden_param_counts(name):
   ours = count_params(cvae.expected_params(vae.VARIANTS[name]))
   assert ours == GOLDEN_PARAMS[name]
-  if name in ("sd", "sd3", "vq-f8", "tiny-kl", "tiny-vq", "mnist-kl-f4", "mnist-vq-f4"):
+  if name in ("sd", "sd3", "vq-f8", "tiny-kl", "tiny-vq", "mnist-kl-f4", "mnist-vq-f4",
+              "shapes-kl-f4"):
     # (sdxl, kl-f4, vq-f4: the same code paths as sd / vq-f8)
     assert ours == _diffusers_meta_count(name)  # built on torch's meta device, no weights
 

@@ -261,7 +261,7 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
     fingerprint: `vae_fingerprint` of the VAE; `check_cache` compares it.
     source_info: description of the encoded data (source, split, image size, ...).
     num_classes: number of label classes; every label must lie in [0, num_classes).
-      0: a label-free source (its batches carry no "label").
+      0: a label-free source (its batches carry no "label", but "caption").
     shard_size: records per shard file.
     process_index, process_count: this process and the number of writing processes.
     text_fn: for a text-to-image cache, captions (list of str) -> {part: (B, ...)
@@ -286,9 +286,8 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
   check(0 <= process_index < process_count,
         f"process_index={process_index} must be in [0, process_count={process_count})")
   check(isinstance(fingerprint, str) and fingerprint, "fingerprint must be a non-empty string")
-  check(int(num_classes) >= 1 or text_fn is not None,
-        f"num_classes must be >= 1, got {num_classes} (0: a label-free text-embedding cache, "
-        "which needs text_fn)")
+  check(int(num_classes) >= 0, f"num_classes must be >= 0, got {num_classes} (0: a "
+        "label-free, captioned cache)")
   check(text_fn is None or (text_info is not None and text_info.get("fingerprint")),
         "write_cache: text_fn needs text_info with the encoders' 'fingerprint'")
   _check_writable(out_dir, process_index, process_count)
@@ -363,6 +362,9 @@ def write_cache(out_dir: str, batches: Iterable[Mapping[str, Any]],
             f"num_classes={num_classes} but the batches carry no 'label'")
       check(text_fn is None or "caption" in batch,
             "a text-embedding cache (text_fn) needs batches with 'caption'")
+      check(num_classes > 0 or "caption" in batch,
+            "a label-free cache (num_classes=0) needs batches with 'caption' (its only "
+            "condition)")
       encoded = encode_fn(batch["image"])  # dispatched; fetched by flush below
       text = text_fn(list(batch["caption"])) if text_fn is not None else None
       if pending is not None:
@@ -546,12 +548,14 @@ class LatentCacheSource:
   Records are {"latent": float32 (h, w, c), "label": int32} plus "latent_std": float32
   (h, w, c) for store="mean_std" (the trainer draws latent + latent_std * eps),
   "caption": str when the cache has captions, and a text cache's embedding parts in
-  the stored dtype; no "label" when the cache has none (num_classes 0). Picklable
-  (Grain worker processes).
+  the stored dtype; no "label" when the cache has none (num_classes 0). With a
+  `tokenizer` (a callable like WordTokenizer: prompts -> (ids, mask, truncated)), also
+  "tokens": int32 (L,) of the caption. Picklable (Grain worker processes).
   """
 
-  def __init__(self, cache_dir: str):
+  def __init__(self, cache_dir: str, tokenizer=None):
     self.cache_dir = cache_dir
+    self.tokenizer = tokenizer
     self.manifest = read_manifest(cache_dir)
     shards = self.manifest["shards"]
     paths = [os.path.join(cache_dir, s["file"]) for s in shards]
@@ -578,6 +582,8 @@ class LatentCacheSource:
       out["label"] = np.int32(record["label"])
     if self._captions:
       out["caption"] = record["caption"]
+      if self.tokenizer is not None:
+        out["tokens"] = np.asarray(self.tokenizer([record["caption"]])[0][0], np.int32)
     for k in self._text:  # kept in the stored dtype (float16 halves the host traffic)
       out[k] = np.asarray(record[k])
     return out

@@ -69,15 +69,23 @@ def make_source(data_config, split: str | None = None):
         data_config.image_size, int(data_config.get("num_examples", 100_000)),
         seed=int(data_config.get("shapes_seed", 0)), split=split,
         two_shape_fraction=float(data_config.get("two_shape_fraction", 0.5)),
-        tokenizer=tokenizer_for(data_config))
+        tokenizer=tokenizer_for(data_config), return_caption=True)
   if data_config.source == "latents":
     from ldm_jax.data.latents import LatentCacheSource, check_cache
     cache_dir = data_config.get("latent_cache", "")
     check(bool(cache_dir), "data.source='latents' needs data.latent_cache=DIR, a directory "
           "written by ldm_jax.data.latents.write_cache")
-    source = LatentCacheSource(cache_dir)
+    tokenizer, words = None, data_config.get("tokenizer", "")
+    if words not in ("", "sd3"):
+      from ldm_jax.data.text import tokenizer_for
+      tokenizer = tokenizer_for(data_config)  # the cache's captions -> the model's tokens
+    source = LatentCacheSource(cache_dir, tokenizer=tokenizer)
     check_cache(source.manifest, latent_channels=data_config.channels,
                 latent_size=data_config.image_size, num_classes=data_config.num_classes)
+    check(tokenizer is None or source.manifest.get("captions"),
+          f"data.tokenizer={words!r} reads the captions of the latent cache, "
+          f"but data.latent_cache={cache_dir!r} has none; encode a captioned source "
+          "(e.g. data.source='shapes', or cache.source='captions')")
     return source
   from ldm_jax.data.tfds import TfdsSource
   return TfdsSource(data_config.name, split, data_config.get("data_dir") or None,

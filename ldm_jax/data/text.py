@@ -49,6 +49,13 @@ def is_sd3(data_config) -> bool:
   return data_config.get("tokenizer", "") == "sd3"
 
 
+def is_shapes_text(data_config) -> bool:
+  """True when the prompts are the built-in shapes grammar's (data.tokenizer =
+  "shapes-words"): the shapes itself (data.source = "shapes") or a latent cache of them
+  (data.source = "latents"); its samples are scored by the shapes judge."""
+  return data_config.get("tokenizer", "") == "shapes-words"
+
+
 def tokenizer_for(data_config):
   """The tokenizer `data.tokenizer` names (see the module docstring)."""
   name = data_config.get("tokenizer", "")

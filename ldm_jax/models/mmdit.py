@@ -84,7 +84,7 @@ _TINY = dict(input_size=8, patch_size=2, in_channels=4, depth=2, num_heads=2, he
 VARIANTS.update({
     "tiny": _TINY,
     "tiny-x": dict(_TINY, qk_norm="rms_norm", dual_attention_layers=(0,)),
-    # The captioned-shapes CPU demo (configs/mmdit_256.py:shapes): 64x64 RGB pixels in
+    # The captioned shapes on pixels (configs/mmdit_256.py:shapes_pixels): 64x64 RGB in
     # 8x8 patches (64 image tokens). The width (256) must exceed a patch's 192 values: a
     # narrower final layer cannot express the noise part of the velocity (rank-limited;
     # measured: width 128 leaves visible noise). Context / pooled widths come from the
@@ -92,6 +92,13 @@ VARIANTS.update({
     "shapes": dict(input_size=64, patch_size=8, in_channels=3, depth=4, num_heads=8,
                    head_dim=32, context_dim=128, pooled_dim=128, pos_embed_max_size=16,
                    qk_norm="rms_norm"),
+    # The same transformer on the 16x16x4 latents of the shapes-kl-f4 autoencoder
+    # (configs/mmdit_256.py:shapes, the LDM chain): 4x4 latent patches (16 image
+    # tokens of 64 values, each 16x16 pixels); 2.7x the steps per second of 2x2 patches
+    # (64 tokens) for the CPU budget.
+    "shapes-latent": dict(input_size=16, patch_size=4, in_channels=4, depth=4, num_heads=8,
+                          head_dim=32, context_dim=128, pooled_dim=128, pos_embed_max_size=8,
+                          qk_norm="rms_norm"),
 })
 
 

@@ -70,6 +70,12 @@ VARIANTS = {
     "mnist-vq-f4": dict(kind="vq", block_out_channels=(32, 64, 64), layers_per_block=1,
                         latent_channels=4, embed_dim=4, num_embeddings=1024, norm_groups=16,
                         scaling_factor=1.0, shift_factor=0.0),
+    # The captioned shapes at 64x64 (configs/mmdit_256.py:shapes_vae): -> 16x16x4
+    # latents for the shapes MM-DiT; trained with an L2 loss (L1 leaves the sparse
+    # blue shapes out for hundreds of steps: BUILD_NOTES).
+    "shapes-kl-f4": dict(kind="kl", block_out_channels=(16, 32, 64), layers_per_block=1,
+                         latent_channels=4, norm_groups=8, scaling_factor=1.0,
+                         shift_factor=0.0),
 }
 
 

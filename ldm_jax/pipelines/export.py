@@ -10,6 +10,9 @@ writes into the new folder `--export`:
   text_encoder/   the run's own text encoder, if it has one, as a transformers
                   `CLIPTextModel` folder
   word_tokenizer.json   its tokenizer (the built-in word tokenizer), when it has one
+  vae/            for a latent MM-DiT, the autoencoder that decodes its samples as a
+                  diffusers AutoencoderKL / VQModel folder, with the latent cache's
+                  scaling / shift factors (e.g. cache.scale="auto"'s) in its config
 Nothing existing is overwritten.
 """
 
@@ -44,6 +47,8 @@ def export_text_to_image(config, workdir: str, out: str) -> str:
         "pipeline integrates the network's output as the velocity, so only a velocity-"
         "predicting MM-DiT exports as an SD3Transformer2DModel")
   model, _, _, params, step = restore_for_inference(config, workdir, "export")
+  from ldm_jax.first_stage import decoder_for
+  stage = decoder_for(config)  # latent denoisers: their autoencoder (fingerprint-checked)
   import jax
   params = jax.device_get(params)
   os.makedirs(out)
@@ -54,5 +59,13 @@ def export_text_to_image(config, workdir: str, out: str) -> str:
                                    os.path.join(out, "text_encoder"))
     tokenizer = tokenizer_for(config.data)
     tokenizer.save(out)
+  if stage is not None:
+    from ldm_jax.convert import vae as convert_vae
+    vae_config = {k: v for k, v in stage.config.items() if k not in ("dtype", "attention")}
+    vae_config.update(scaling_factor=float(stage.model.scaling_factor),
+                      shift_factor=float(stage.model.shift_factor))
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    convert_vae.to_diffusers(jax.device_get(stage.params), vae_config, os.path.join(out, "vae"),
+                             sample_size=int(config.data.image_size) * factor)
   logger.info("exported step %d of %s to %s", step, workdir, out)
   return out

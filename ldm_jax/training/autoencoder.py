@@ -25,7 +25,9 @@ the regulariser. The two last-layer gradients lambda needs come from the decoder
 last conv input (sown as an intermediate), not from extra backward passes. The
 discriminator sees the reconstruction made before this step's generator update
 (LDM's alternating optimizers re-run the generator after its update; the difference
-is one step of staleness in D's fake batch).
+is one step of staleness in D's fake batch). Before disc_start, where f = 0, the GAN
+terms are not computed at all (a lax.cond): the step does not run the discriminator,
+and lambda, G, the discriminator's loss, logits and gradients read 0.
 
 Parameters are {"autoencoder": ..., "discriminator": ...}; frozen LPIPS weights come
 in as the step's third argument (never checkpointed, never trained).
@@ -264,33 +266,46 @@ def make_autoencoder_step(model: AutoencoderGAN, tx, loss: LossConfig, ema: floa
       return value, (jnp.mean(pixel), jnp.mean(perceptual))
     (nll, (pixel_mean, lpips_mean)), g_nll = jax.value_and_grad(nll_fn, has_aux=True)(recon)
 
-    # Generator's GAN loss and its gradient on the reconstruction (through D only).
-    def gen_fn(r):
-      logits = model.apply({"params": params}, r, method=AutoencoderGAN.discriminate)
-      return gan.generator_loss(logits)
-    g_loss, g_gan = jax.value_and_grad(gen_fn)(recon)
-
+    # The GAN terms, computed only from loss.disc_start on: before it their weight is 0
+    # (LDM computes and discards them; a lax.cond skips the discriminator's three
+    # passes). Before disc_start the generator's GAN gradient, the adaptive weight, the
+    # discriminator's loss, logits and gradients are all 0.
+    disc_on = state.step >= loss.disc_start
+    disc_factor = jnp.where(disc_on, loss.disc_factor, 0.0)
     kernel = params["autoencoder"]["decoder"]["conv_out"]["kernel"]
-    d_weight = loss.disc_weight * gan.adaptive_weight(
-        _last_layer_grad(h_last, kernel, g_nll), _last_layer_grad(h_last, kernel, g_gan))
-    disc_factor = jnp.where(state.step >= loss.disc_start, loss.disc_factor, 0.0)
+    fake = jax.lax.stop_gradient(recon)  # the discriminator's fake: this step's recon
+
+    def gan_terms(_):
+      # Generator's GAN loss and its gradient on the reconstruction (through D only).
+      def gen_fn(r):
+        logits = model.apply({"params": params}, r, method=AutoencoderGAN.discriminate)
+        return gan.generator_loss(logits)
+      g_loss, g_gan = jax.value_and_grad(gen_fn)(recon)
+      d_weight = loss.disc_weight * gan.adaptive_weight(
+          _last_layer_grad(h_last, kernel, g_nll), _last_layer_grad(h_last, kernel, g_gan))
+
+      # Discriminator: real vs the (stopped) reconstruction.
+      def disc_fn(dp):
+        real_logits = model.apply({"params": {"discriminator": dp}}, x,
+                                  method=AutoencoderGAN.discriminate)
+        fake_logits = model.apply({"params": {"discriminator": dp}}, fake,
+                                  method=AutoencoderGAN.discriminate)
+        value = disc_factor * disc_loss_fn(real_logits, fake_logits)
+        return value, (jnp.mean(real_logits), jnp.mean(fake_logits))
+      (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(
+          disc_fn, has_aux=True)(d_params)
+      return g_loss, g_gan, d_weight, d_loss, logits_real, logits_fake, d_grads
+
+    def no_gan(_):  # zeros of gan_terms' shapes and dtypes
+      return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                    jax.eval_shape(gan_terms, None))
+
+    g_loss, g_gan, d_weight, d_loss, logits_real, logits_fake, d_grads = jax.lax.cond(
+        disc_on, gan_terms, no_gan, None)
     reg_weight = loss.kl_weight if kind == "kl" else loss.codebook_weight
     (ae_grads,) = vjp_fn((g_nll + d_weight * disc_factor * g_gan,
                           jnp.asarray(reg_weight, reg_loss.dtype)))
     total = nll + reg_weight * reg_loss + d_weight * disc_factor * g_loss
-
-    # Discriminator: real vs this step's (stopped) reconstruction.
-    fake = jax.lax.stop_gradient(recon)
-
-    def disc_fn(dp):
-      real_logits = model.apply({"params": {"discriminator": dp}}, x,
-                                method=AutoencoderGAN.discriminate)
-      fake_logits = model.apply({"params": {"discriminator": dp}}, fake,
-                                method=AutoencoderGAN.discriminate)
-      value = disc_factor * disc_loss_fn(real_logits, fake_logits)
-      return value, (jnp.mean(real_logits), jnp.mean(fake_logits))
-    (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(
-        disc_fn, has_aux=True)(d_params)
 
     grads = {"autoencoder": ae_grads, "discriminator": d_grads}
     updates, opt_state = tx.update(grads, state.opt_state, params)

@@ -83,7 +83,8 @@ class TrainingSetup:
     from ldm_jax.data.latents import read_manifest
     batch["latent"] = struct(size, jnp.float32)
     if self.abstract_data and not data.get("latent_cache", ""):
-      store = self.config.get("cache", {}).get("store", "") or "mean_std"
+      cache = (self.config.get("first_stage", None) or self.config).get("cache", {})
+      store = cache.get("store", "") or "mean_std"  # the chain's own cache, if it has one
     else:
       store = read_manifest(data.get("latent_cache", ""))["store"]
     if store == "mean_std":
